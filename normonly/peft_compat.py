@@ -102,7 +102,9 @@ def from_peft_adapter(src: str | os.PathLike, dst: str | os.PathLike, model: nn.
     saved = _outermost([n for n in names if any(n.endswith(m) for m in peft_config.modules_to_save or [])])
     targets = [n for n in names if check_target_module_exists(peft_config, n) and n not in saved]
     modules = dict(base.named_modules())
-    norm_targets = [n for n in targets if is_norm_layer(modules[n]) and any(modules[n].parameters(recurse=False))]
+    norm_targets = [
+        n for n in targets if is_norm_layer(modules[n]) and any(True for _ in modules[n].parameters(recurse=False))
+    ]
     config = NormOnlyConfig(
         target_modules=_anchored(norm_targets) if norm_targets else None,
         modules_to_save=[n for n in names if n in set(saved) | (set(targets) - set(norm_targets))] or None,
@@ -119,7 +121,9 @@ def from_peft_adapter(src: str | os.PathLike, dst: str | os.PathLike, model: nn.
             raise ValueError(f"{src / WEIGHTS_NAME}: key {key!r} lacks peft's {PEFT_PREFIX!r} prefix")
         converted[key[len(PEFT_PREFIX) :].replace(LN_INFIX, ".")] = t
     slots = tensor_slots(base)
-    for key, t in converted.items():
+    order = {name: i for i, name in enumerate(slots)}
+    for key in sorted(converted, key=lambda k: (order.get(k, len(order)), k)):  # report in the model's order
+        t = converted[key]
         if key not in selection.tensors:
             raise ValueError(
                 f"peft adapter {src} does not fit this {type(base).__name__}: first mismatching key "
