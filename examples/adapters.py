@@ -1,6 +1,6 @@
 """Norm-only adapters, PEFT-style: train two tasks on one base, save, load, switch, move to peft and back, merge.
 
-    PYTHONPATH=. python examples/adapters.py
+PYTHONPATH=. python examples/adapters.py
 """
 
 import tempfile
