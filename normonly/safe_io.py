@@ -28,11 +28,6 @@ def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: str) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def write_files(
     directory: str | os.PathLike,
     *,
@@ -56,8 +51,7 @@ def write_files(
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump(obj, f, indent=2, sort_keys=True)
                 f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
+            _finish(tmp)
         for name, tensors in dict(tensor_files).items():
             tmp = _temp_beside(directory / name)
             pending.append((tmp, directory / name))
@@ -66,7 +60,7 @@ def write_files(
             if digest:
                 metadata[DIGEST_KEY] = tensors_digest(tensors)
             save_file(tensors, tmp, metadata=metadata)
-            _fsync(tmp)
+            _finish(tmp)
         while pending:
             tmp, target = pending[0]
             os.replace(tmp, target)
@@ -83,6 +77,15 @@ def _temp_beside(target: Path) -> str:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     return tmp
+
+
+def _finish(path: str) -> None:
+    """fsync, and give the permissions of an ordinary new file (mkstemp makes 0600 files)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def read_json(path: str | os.PathLike) -> dict:

@@ -13,6 +13,13 @@ def test_files_round_trip_with_a_digest(tmp_path):
     assert read_json(tmp_path / "c.json") == {"x": [1, 2]}
 
 
+def test_files_get_the_permissions_of_an_ordinary_new_file(tmp_path):
+    write_files(tmp_path, json_files={"c.json": {}}, tensor_files={"t.safetensors": {"w": torch.zeros(1)}})
+    (tmp_path / "plain").write_text("")
+    mode = (tmp_path / "plain").stat().st_mode
+    assert (tmp_path / "c.json").stat().st_mode == mode == (tmp_path / "t.safetensors").stat().st_mode
+
+
 def test_a_failure_in_any_file_replaces_none_of_them(tmp_path, monkeypatch):
     write_files(tmp_path, json_files={"c.json": {"v": 1}}, tensor_files={"t.safetensors": {"w": torch.zeros(2)}})
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
