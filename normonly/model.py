@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from .config import CONFIG_NAME, WEIGHTS_NAME, NormOnlyConfig
 from .freeze import count_parameters
@@ -76,6 +77,9 @@ class NormOnlyModel(nn.Module):
             raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
         if config is not None and not isinstance(config, NormOnlyConfig):
             raise TypeError(f"config must be a NormOnlyConfig, got {type(config).__name__}")
+        lazy = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if is_lazy(t)]
+        if lazy:
+            raise ValueError(f"{lazy[0]} is not initialized yet (a lazy module): run one forward pass first")
         selection = select_adapter_tensors(model, config) if config is not None else None  # validate first
         super().__init__()
         self.base_model = model
@@ -190,7 +194,10 @@ class NormOnlyModel(nn.Module):
                 self._freeze_stats.enabled = self._adapters[self._active].config.bn_stats == "freeze"
 
     def merge_and_unload(self) -> nn.Module:
-        """Return the base model holding the active adapter's values, as a plain module (requires_grad restored)."""
+        """Return the base model holding the active adapter's values, as a plain module (requires_grad restored).
+
+        The hooks of ``bn_stats="freeze"`` are removed: in train mode BatchNorm uses batch statistics again.
+        """
         with torch.no_grad():
             self._sync_active()
         return self._unwrap()
@@ -256,8 +263,11 @@ class NormOnlyModel(nn.Module):
 
     # ------------------------------------------------------------------ internals
     def _check_new_name(self, adapter_name: str) -> None:
-        if not isinstance(adapter_name, str) or not adapter_name or "/" in adapter_name or "\\" in adapter_name:
-            raise ValueError(f"adapter_name must be a non-empty string without path separators, got {adapter_name!r}")
+        bad = not isinstance(adapter_name, str) or adapter_name in {"", ".", ".."} or "/" in adapter_name
+        if bad or "\\" in adapter_name:
+            raise ValueError(
+                f"adapter_name must be a non-empty string without path separators (nor '.' or '..'), got {adapter_name!r}"
+            )
         if adapter_name in self._adapters:
             raise ValueError(
                 f"an adapter named {adapter_name!r} already exists; pick another adapter_name or call "

@@ -3,6 +3,7 @@ import pickle
 import pytest
 import torch
 import torchvision
+import zoo
 from adapter_helpers import assert_same_state, images, logits, resnet18, state, tiny_bert, tokens, train
 from safetensors import safe_open
 from torch import nn
@@ -50,6 +51,33 @@ def test_hugging_face_attributes_pass_through():
 
 
 # ---------------------------------------------------------------- round trips
+CASES = zoo.all_cases()
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_every_zoo_model_trains_its_norms_and_round_trips_with_frankle_init(tmp_path, case):
+    def build():
+        torch.manual_seed(0)
+        model = case.build()
+        if "lazy" in case.name:
+            case.example(model)  # materialize lazy parameters
+        return model
+
+    base = build()
+    expected = case.expected_names(base)
+    if not expected:
+        with pytest.raises(ValueError, match="no normalization layer"):
+            get_normonly_model(base, NormOnlyConfig())
+        return
+    model = get_normonly_model(base, NormOnlyConfig(init="frankle")).eval()
+    assert {n for n, p in base.named_parameters() if p.requires_grad} == expected
+    model.save_pretrained(tmp_path)
+    loaded = NormOnlyModel.from_pretrained(build(), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(case.example(model), case.example(loaded))
+
+
 @pytest.mark.parametrize("bn_stats", ["update", "freeze"])
 def test_resnet18_round_trip_gives_identical_outputs_in_train_and_eval_mode(tmp_path, bn_stats):
     model, directory = _trained(tmp_path, NormOnlyConfig(modules_to_save=["fc"], bn_stats=bn_stats))
@@ -344,8 +372,18 @@ def test_duplicate_adapter_name_is_refused_and_changes_nothing(tmp_path):
         model.load_adapter(directory, adapter_name="default")
     with pytest.raises(ValueError, match="'default' already exists"):
         model.add_adapter("default", NormOnlyConfig(init="ones"))
+    for bad in ("..", "a/b", ""):
+        with pytest.raises(ValueError, match="path separators"):
+            model.add_adapter(bad, HEAD)
     assert_same_state(_wrapper_state(model), before)
     assert _wrapper_state(model)["adapters"] == ["default"]
+
+
+def test_uninitialized_lazy_module_is_named():
+    base = nn.Sequential(nn.Linear(4, 6), nn.LazyBatchNorm1d(), nn.Linear(6, 2))
+    with pytest.raises(ValueError, match="1.weight is not initialized yet.*forward pass"):
+        get_normonly_model(base, NormOnlyConfig())
+    assert all(p.requires_grad for p in base.parameters() if not isinstance(p, nn.UninitializedParameter))
 
 
 def test_bad_config_for_this_model_leaves_the_base_untouched():
