@@ -77,6 +77,8 @@ class NormOnlyModel(nn.Module):
             raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
         if config is not None and not isinstance(config, NormOnlyConfig):
             raise TypeError(f"config must be a NormOnlyConfig, got {type(config).__name__}")
+        if config is not None:
+            _check_name(adapter_name)
         lazy = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if is_lazy(t)]
         if lazy:
             raise ValueError(f"{lazy[0]} is not initialized yet (a lazy module): run one forward pass first")
@@ -263,11 +265,7 @@ class NormOnlyModel(nn.Module):
 
     # ------------------------------------------------------------------ internals
     def _check_new_name(self, adapter_name: str) -> None:
-        bad = not isinstance(adapter_name, str) or adapter_name in {"", ".", ".."} or "/" in adapter_name
-        if bad or "\\" in adapter_name:
-            raise ValueError(
-                f"adapter_name must be a non-empty string without path separators (nor '.' or '..'), got {adapter_name!r}"
-            )
+        _check_name(adapter_name)
         if adapter_name in self._adapters:
             raise ValueError(
                 f"an adapter named {adapter_name!r} already exists; pick another adapter_name or call "
@@ -350,6 +348,14 @@ class NormOnlyModel(nn.Module):
                 store[k] = fn(v)
         self._sources.clear()
         return self
+
+
+def _check_name(adapter_name: str) -> None:
+    """Adapter names become folder names in save_pretrained: refuse what would escape the folder."""
+    if not isinstance(adapter_name, str) or adapter_name in {"", ".", ".."} or any(c in adapter_name for c in "/\\"):
+        raise ValueError(
+            f"adapter_name must be a folder name (no path separators, not '.' or '..'), got {adapter_name!r}"
+        )
 
 
 def _name_or_path(model: nn.Module) -> str | None:

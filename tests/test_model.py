@@ -375,6 +375,8 @@ def test_duplicate_adapter_name_is_refused_and_changes_nothing(tmp_path):
     for bad in ("..", "a/b", ""):
         with pytest.raises(ValueError, match="path separators"):
             model.add_adapter(bad, HEAD)
+    with pytest.raises(ValueError, match="path separators"):
+        get_normonly_model(resnet18(), HEAD, adapter_name="..")
     assert_same_state(_wrapper_state(model), before)
     assert _wrapper_state(model)["adapters"] == ["default"]
 
