@@ -133,6 +133,24 @@ def test_three_adapters_on_one_base_match_three_separately_trained_copies_exactl
     assert not torch.allclose(outputs[0], outputs[2])
 
 
+def test_accelerate_prepares_trains_and_unwraps_the_model(tmp_path):
+    import accelerate
+
+    accelerator = accelerate.Accelerator(cpu=True)
+    model = get_normonly_model(resnet18(), HEAD)
+    before = model.base_model.bn1.weight.detach().clone()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    prepared, opt = accelerator.prepare(model, opt)
+    x, y = images(0)
+    accelerator.backward(nn.functional.cross_entropy(prepared(x), y))
+    opt.step()
+    unwrapped = accelerator.unwrap_model(prepared)
+    assert unwrapped is model and not torch.equal(model.base_model.bn1.weight, before)
+    unwrapped.save_pretrained(tmp_path)
+    loaded = NormOnlyModel.from_pretrained(resnet18(), tmp_path)
+    assert torch.equal(loaded.base_model.bn1.weight, model.base_model.bn1.weight)
+
+
 def test_set_adapter_moves_requires_grad_to_the_active_adapter():
     model = get_normonly_model(resnet18(), HEAD, "a")
     model.add_adapter("b", NormOnlyConfig(target_modules="bn1"))  # a regex matches whole names: only the stem
