@@ -9,6 +9,12 @@ from .freeze import (
     thaw_frozen_batchnorm,
 )
 
+# isort: split
+# adapters
+from .config import NormOnlyConfig
+from .model import NormOnlyModel, get_normonly_model
+from .peft_compat import from_peft_adapter, to_peft_adapter, to_peft_config
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -20,4 +26,11 @@ __all__ = [
     "print_trainable_parameters",
     "register_norm_layer",
     "thaw_frozen_batchnorm",
+    # adapters
+    "NormOnlyConfig",
+    "NormOnlyModel",
+    "get_normonly_model",
+    "to_peft_config",
+    "to_peft_adapter",
+    "from_peft_adapter",
 ]

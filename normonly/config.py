@@ -1,0 +1,139 @@
+"""NormOnlyConfig: what a norm-only adapter trains and saves, round-tripping through adapter_config.json."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .init import INITIALIZERS
+from .safe_io import read_json, write_files
+
+__all__ = ["NormOnlyConfig", "CONFIG_NAME", "WEIGHTS_NAME"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_TYPE = "normonly"
+BN_STATS = ("update", "freeze")
+
+
+@dataclass
+class NormOnlyConfig:
+    """Configuration of a norm-only adapter, in the style of peft's ``LNTuningConfig``.
+
+    >>> cfg = NormOnlyConfig(modules_to_save=["fc"], init="frankle")
+    >>> cfg.save_pretrained("out/"); NormOnlyConfig.from_pretrained("out/") == cfg
+    True
+    """
+
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Normalization layers to train. None: every layer normonly detects by type (BatchNorm, LayerNorm, "
+            "GroupNorm, RMSNorm, ...). A list of qualified names or dotted suffixes ('bn1' matches 'layer1.0.bn1'), "
+            "or one regex that must match a whole module name."
+        },
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Normalization layers or parameters to leave frozen; same name rules as target_modules."},
+    )
+    modules_to_save: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Other modules trained in full and saved with the adapter, e.g. a new classification head "
+            "(['fc'], ['classifier']). Same name rules as target_modules."
+        },
+    )
+    train_weight: bool = field(default=True, metadata={"help": "Train the scales γ (the norms' `weight`)."})
+    train_bias: bool = field(default=True, metadata={"help": "Train the shifts β (the norms' `bias`)."})
+    bn_stats: str = field(
+        default="update",
+        metadata={
+            "help": "BatchNorm running statistics. 'update': they follow the fine-tuning data in train mode and are "
+            "saved with the adapter. 'freeze': BatchNorm always normalizes with the base model's running statistics, "
+            "in train mode too, and they are not saved."
+        },
+    )
+    init: str = field(
+        default="keep",
+        metadata={
+            "help": "Initial γ/β of a new adapter: 'keep' (pretrained values), 'frankle' (γ ~ U[0, 1], β = 0), "
+            "'ones' (identity scale, β = 0), or any name added with normonly.init.register_initializer. Not applied "
+            "when an adapter is loaded."
+        },
+    )
+    base_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Name or path of the base model the adapter was trained on (informative)."}
+    )
+
+    def __post_init__(self):
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):
+            setattr(self, name, _check_names(name, getattr(self, name)))
+        for name in ("train_weight", "train_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not (self.train_weight or self.train_bias):
+            raise ValueError("train_weight and train_bias are both False: the adapter would train nothing")
+        if self.bn_stats not in BN_STATS:
+            raise ValueError(f"bn_stats={self.bn_stats!r} is not one of {list(BN_STATS)}")
+        if self.init not in INITIALIZERS:
+            raise ValueError(f"init={self.init!r} is not a known initializer; choose one of {sorted(INITIALIZERS)}")
+        if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
+            raise ValueError(f"base_model_name_or_path must be a string or None, got {self.base_model_name_or_path!r}")
+
+    def to_dict(self) -> dict:
+        """The JSON-ready dict written to adapter_config.json."""
+        return {"adapter_type": ADAPTER_TYPE, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict, *, source: str = "config") -> NormOnlyConfig:
+        """Build a config from ``to_dict()`` output; every field must be present and none unknown."""
+        data = dict(data)
+        if "peft_type" in data:
+            raise ValueError(
+                f"{source} is a peft adapter config (peft_type={data['peft_type']!r}), not a normonly one. Convert an "
+                "LN-tuning adapter with normonly.from_peft_adapter(peft_dir, out_dir, base_model)."
+            )
+        kind = data.pop("adapter_type", None)
+        if kind != ADAPTER_TYPE:
+            raise ValueError(f"{source} has adapter_type={kind!r}, expected {ADAPTER_TYPE!r}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"{source} has unknown field(s) {unknown}; NormOnlyConfig fields are {known}")
+        missing = [k for k in known if k not in data]
+        if missing:
+            raise ValueError(
+                f"{source} lacks field(s) {missing}; it was not written by NormOnlyConfig.save_pretrained "
+                "or was edited: add them or save the adapter again"
+            )
+        try:
+            return cls(**data)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``save_directory/adapter_config.json`` atomically."""
+        write_files(save_directory, json_files={CONFIG_NAME: self.to_dict()})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> NormOnlyConfig:
+        """Read ``directory/adapter_config.json``; errors name the file and the offending fields."""
+        path = Path(directory) / CONFIG_NAME
+        return cls.from_dict(read_json(path), source=str(path))
+
+
+def _check_names(name: str, value):
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(f"{name}={value!r} is not a valid regular expression: {err}") from None
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value):
+        return list(value)
+    raise ValueError(f"{name} must be None, a regex string or a list of module names, got {value!r}")

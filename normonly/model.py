@@ -1,0 +1,400 @@
+"""NormOnlyModel: several norm-only adapters on one base model, swapped in place, saved as safetensors.
+
+No module is replaced: the norm layers stay where they are and an adapter is a set of tensors (γ/β,
+running statistics, ``modules_to_save``) copied into the base's own parameters and buffers, so
+``set_adapter`` copies a few kilobytes and optimizers, hooks and ``accelerate`` see plain modules.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parameter import is_lazy
+
+from .config import CONFIG_NAME, WEIGHTS_NAME, NormOnlyConfig
+from .freeze import count_parameters
+from .freeze import print_trainable_parameters as _print_trainable
+from .init import initialize
+from .safe_io import read_tensors, write_files
+from .selection import AdapterSelection, running_stat_names, select_adapter_tensors, slot_tensor, tensor_slots
+
+__all__ = ["NormOnlyModel", "get_normonly_model"]
+
+
+@dataclass
+class _Adapter:
+    config: NormOnlyConfig
+    selection: AdapterSelection
+    values: dict[str, torch.Tensor]  # stored copy of every tensor in selection.tensors
+    trainable: bool
+
+
+class _FreezeRunningStats:
+    """Forward hooks that make a norm layer normalize with its running statistics even in train mode.
+
+    The layer's ``training`` flag is switched off for the duration of its own forward and restored
+    afterwards (also when the forward raises), so ``model.training`` reads as the user set it.
+    """
+
+    def __init__(self):
+        self.enabled = False
+        self._modes: dict[int, bool] = {}
+
+    def before(self, module: nn.Module, args) -> None:
+        if self.enabled and module.training:
+            self._modes[id(module)] = True
+            module.training = False
+
+    def after(self, module: nn.Module, args, output) -> None:
+        if self._modes.pop(id(module), False):
+            module.training = True
+
+
+def get_normonly_model(model: nn.Module, config: NormOnlyConfig, adapter_name: str = "default") -> NormOnlyModel:
+    """Wrap ``model`` with a new trainable adapter (like ``peft.get_peft_model``); everything else is frozen.
+
+    >>> model = normonly.get_normonly_model(torchvision.models.resnet18(), NormOnlyConfig(modules_to_save=["fc"]))
+    >>> model.print_trainable_parameters()
+    """
+    return NormOnlyModel(model, config, adapter_name)
+
+
+class NormOnlyModel(nn.Module):
+    """A base model plus named norm-only adapters, one active at a time; forwards to the base model."""
+
+    def __init__(self, model: nn.Module, config: NormOnlyConfig | None = None, adapter_name: str = "default"):
+        if isinstance(model, NormOnlyModel):
+            raise TypeError("model is already a NormOnlyModel: use model.add_adapter(...) or model.load_adapter(...)")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+        if config is not None and not isinstance(config, NormOnlyConfig):
+            raise TypeError(f"config must be a NormOnlyConfig, got {type(config).__name__}")
+        if config is not None:
+            _check_name(adapter_name)
+        lazy = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if is_lazy(t)]
+        if lazy:
+            raise ValueError(f"{lazy[0]} is not initialized yet (a lazy module): run one forward pass first")
+        selection = select_adapter_tensors(model, config) if config is not None else None  # validate first
+        super().__init__()
+        self.base_model = model
+        self.normonly_config: dict[str, NormOnlyConfig] = {}
+        self._adapters: dict[str, _Adapter] = {}
+        self._active: str | None = None
+        self._disabled = False
+        self._slots = tensor_slots(model)
+        stats = running_stat_names(model)
+        self._base_values = {n: self._live(n).detach().clone() for n in stats}
+        self._sources: dict[str | None, list[torch.Tensor]] = {}  # cached copy sources, aligned with _base_values
+        if config is not None:
+            self._add(adapter_name, config, selection, values=None, trainable=True)
+        self._requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self._freeze_stats = _FreezeRunningStats()
+        self._hooks = []
+        for layer in {self._slots[n][0] for n in stats}:
+            self._hooks.append(layer.register_forward_pre_hook(self._freeze_stats.before))
+            self._hooks.append(layer.register_forward_hook(self._freeze_stats.after, always_call=True))
+        if config is not None:
+            self.set_adapter(adapter_name)
+
+    # ------------------------------------------------------------------ pass-through
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        """Attributes the wrapper lacks come from the base model (``model.config``, ``model.fc``, ...)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    @property
+    def active_adapter(self) -> str | None:
+        """Name of the adapter whose values the base model currently holds."""
+        return self._active
+
+    def print_trainable_parameters(self) -> str:
+        """Print and return peft's ``trainable params: ... || all params: ... || trainable%: ...`` line."""
+        return _print_trainable(self.base_model)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        return count_parameters(self.base_model)
+
+    # ------------------------------------------------------------------ adapters in memory
+    def add_adapter(self, adapter_name: str, config: NormOnlyConfig) -> None:
+        """Add a new trainable adapter from the base's values and ``config.init``; it is not activated."""
+        if not isinstance(config, NormOnlyConfig):
+            raise TypeError(f"config must be a NormOnlyConfig, got {type(config).__name__}")
+        self._check_new_name(adapter_name)
+        self._add(adapter_name, config, select_adapter_tensors(self.base_model, config), values=None, trainable=True)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the active adapter: copy its tensors into the base model, set requires_grad."""
+        if adapter_name not in self._adapters:
+            raise ValueError(f"no adapter named {adapter_name!r}; loaded adapters: {list(self._adapters)}")
+        if self._disabled:
+            raise RuntimeError("set_adapter inside disable_adapter(): leave the `with` block first")
+        with torch.no_grad():
+            self._sync_active()
+            self._write(adapter_name)
+        self._active = adapter_name
+        adapter = self._adapters[adapter_name]
+        trainable = set(adapter.selection.trainable) if adapter.trainable else set()
+        for name in self._base_values:
+            module, key, is_param = self._slots[name]
+            if is_param:
+                module._parameters[key].requires_grad_(name in trainable)
+        self._freeze_stats.enabled = adapter.config.bn_stats == "freeze"
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete an adapter; deleting the active one activates the first remaining adapter."""
+        if adapter_name not in self._adapters:
+            raise ValueError(f"no adapter named {adapter_name!r}; loaded adapters: {list(self._adapters)}")
+        if len(self._adapters) == 1:
+            raise ValueError(
+                f"{adapter_name!r} is the only adapter; use merge_and_unload() or unload() to get the base model back"
+            )
+        if adapter_name == self._active:
+            other = next(n for n in self._adapters if n != adapter_name)
+            warnings.warn(f"deleted the active adapter {adapter_name!r}; {other!r} is now active", stacklevel=2)
+            self.set_adapter(other)
+        del self._adapters[adapter_name], self.normonly_config[adapter_name]
+        self._sources.pop(adapter_name, None)
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model with its own values (and its own BatchNorm behaviour) inside the block."""
+        if self._disabled:
+            yield
+            return
+        with torch.no_grad():
+            self._sync_active()
+            self._disabled = True
+            self._freeze_stats.enabled = False
+            self._write(None)
+        try:
+            yield
+        finally:
+            self._disabled = False
+            with torch.no_grad():
+                self._write(self._active)
+            if self._active is not None:
+                self._freeze_stats.enabled = self._adapters[self._active].config.bn_stats == "freeze"
+
+    def merge_and_unload(self) -> nn.Module:
+        """Return the base model holding the active adapter's values, as a plain module (requires_grad restored).
+
+        The hooks of ``bn_stats="freeze"`` are removed: in train mode BatchNorm uses batch statistics again.
+        """
+        with torch.no_grad():
+            self._sync_active()
+        return self._unwrap()
+
+    def unload(self) -> nn.Module:
+        """Return the base model with its original values, as a plain module (requires_grad restored)."""
+        with torch.no_grad():
+            self._write(None)
+        return self._unwrap()
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
+        """Write each adapter's ``adapter_config.json`` and ``adapter_model.safetensors`` atomically.
+
+        As in peft, the adapter named ``"default"`` goes to ``save_directory`` itself and any other to
+        ``save_directory/<adapter_name>``. The files hold only the adapter's tensors.
+        """
+        names = list(self._adapters) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self._adapters]
+        if unknown:
+            raise ValueError(f"selected_adapters={unknown} are not loaded; loaded adapters: {list(self._adapters)}")
+        with torch.no_grad():
+            self._sync_active()
+        for name in names:
+            adapter = self._adapters[name]
+            out = Path(save_directory) if name == "default" else Path(save_directory) / name
+            write_files(
+                out, json_files={CONFIG_NAME: adapter.config.to_dict()}, tensor_files={WEIGHTS_NAME: adapter.values}
+            )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        directory: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+    ) -> NormOnlyModel:
+        """Wrap ``model`` with the adapter saved in ``directory`` (like ``peft.PeftModel.from_pretrained``).
+
+        With ``is_trainable=False`` the adapter's parameters stay frozen and the model is put in eval mode.
+        An adapter that does not fit ``model`` raises an error naming the first mismatching key, and
+        ``model`` is left as it was.
+        """
+        config, selection, values = _read_adapter(model, directory)
+        wrapper = cls(model)
+        wrapper._add(adapter_name, config, selection, values=values, trainable=is_trainable)
+        wrapper.set_adapter(adapter_name)
+        if not is_trainable:
+            wrapper.eval()
+        return wrapper
+
+    def load_adapter(self, directory: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
+        """Load another adapter from ``directory`` under ``adapter_name``; it is not activated.
+
+        As in peft, ``is_trainable=False`` puts the model in eval mode. On any error nothing changes.
+        """
+        self._check_new_name(adapter_name)
+        config, selection, values = _read_adapter(self.base_model, directory)
+        self._add(adapter_name, config, selection, values=values, trainable=is_trainable)
+        if not is_trainable:
+            self.eval()
+
+    # ------------------------------------------------------------------ internals
+    def _check_new_name(self, adapter_name: str) -> None:
+        _check_name(adapter_name)
+        if adapter_name in self._adapters:
+            raise ValueError(
+                f"an adapter named {adapter_name!r} already exists; pick another adapter_name or call "
+                f"delete_adapter({adapter_name!r}) first"
+            )
+        if self._disabled:
+            raise RuntimeError("cannot add an adapter inside disable_adapter(): leave the `with` block first")
+
+    def _live(self, name: str) -> torch.Tensor:
+        return slot_tensor(self._slots[name])
+
+    def _add(self, name, config, selection, values, trainable) -> None:
+        """Register an adapter; with ``values=None`` it starts from the base's values and ``config.init``."""
+        if config.base_model_name_or_path is None:
+            config = replace(config, base_model_name_or_path=_name_or_path(self.base_model))
+        new = [n for n in selection.tensors if n not in self._base_values]
+        snapshot = {n: self._live(n).detach().clone() for n in new}  # untouched so far: the base's values
+        if values is None:
+            values = self._initial_values(config, selection, snapshot)
+        self._base_values.update(snapshot)
+        self._sources.clear()
+        self._adapters[name] = _Adapter(config, selection, values, trainable)
+        self.normonly_config[name] = config
+
+    def _initial_values(self, config, selection, snapshot) -> dict[str, torch.Tensor]:
+        """Base values with ``config.init`` applied to the γ/β, computed in the live model then put back."""
+        layers = set(selection.norm_modules)
+        gamma_beta = [n for n in selection.trainable if n.rpartition(".")[0] in layers]
+        base = {**self._base_values, **snapshot}
+        with torch.no_grad():
+            self._sync_active()
+            try:
+                for n in selection.tensors:
+                    self._live(n).copy_(base[n])
+                initialize(self.base_model, gamma_beta, config.init)
+                return {n: self._live(n).detach().clone() for n in selection.tensors}
+            finally:
+                for n in selection.tensors:  # the active adapter (or the base) back in place
+                    self._live(n).copy_(base[n])
+                self._write(None if self._disabled else self._active)
+
+    def _sync_active(self) -> None:
+        """Copy the live values (trained in place) back into the active adapter's store."""
+        if self._active is None or self._disabled:
+            return
+        adapter = self._adapters[self._active]
+        names = adapter.selection.tensors
+        if names:
+            torch._foreach_copy_([adapter.values[n] for n in names], [self._live(n) for n in names])
+
+    def _write(self, adapter_name: str | None) -> None:
+        """Copy ``adapter_name``'s values (None: the base's) into every tensor any adapter manages."""
+        sources = self._sources.get(adapter_name)
+        if sources is None:
+            values = self._adapters[adapter_name].values if adapter_name is not None else {}
+            sources = [values.get(n, base) for n, base in self._base_values.items()]
+            self._sources[adapter_name] = sources
+        if sources:
+            torch._foreach_copy_([self._live(n) for n in self._base_values], sources)
+
+    def _unwrap(self) -> nn.Module:
+        if self._disabled:
+            raise RuntimeError("cannot unload inside disable_adapter(): leave the `with` block first")
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        for n, p in self.base_model.named_parameters():
+            p.requires_grad_(self._requires_grad_before.get(n, p.requires_grad))
+        self._adapters.clear()
+        self.normonly_config.clear()
+        self._sources.clear()
+        self._active = None
+        return self.base_model
+
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.cuda()``, ``.half()`` also move/cast the stored adapters."""
+        super()._apply(fn, recurse)
+        for store in [self._base_values, *(a.values for a in self._adapters.values())]:
+            for k, v in store.items():
+                store[k] = fn(v)
+        self._sources.clear()
+        return self
+
+
+def _check_name(adapter_name: str) -> None:
+    """Adapter names become folder names in save_pretrained: refuse what would escape the folder."""
+    if not isinstance(adapter_name, str) or adapter_name in {"", ".", ".."} or any(c in adapter_name for c in "/\\"):
+        raise ValueError(
+            f"adapter_name must be a folder name (no path separators, not '.' or '..'), got {adapter_name!r}"
+        )
+
+
+def _name_or_path(model: nn.Module) -> str | None:
+    name = getattr(model, "name_or_path", None)
+    return name if isinstance(name, str) and name else None
+
+
+def _read_adapter(model: nn.Module, directory) -> tuple[NormOnlyConfig, AdapterSelection, dict[str, torch.Tensor]]:
+    """Read and check an adapter directory against ``model``; returns values cast to the model's tensors."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter directory {directory} does not exist")
+    config = NormOnlyConfig.from_pretrained(directory)
+    tensors = read_tensors(directory / WEIGHTS_NAME)
+    model_name = type(model).__name__
+    hint = f" (trained on {config.base_model_name_or_path!r})" if config.base_model_name_or_path else ""
+
+    def mismatch(key: str, why: str) -> ValueError:
+        return ValueError(
+            f"adapter {directory} does not fit this {model_name}: first mismatching key {key!r}: {why}. "
+            f"Load it onto the architecture it was trained on{hint}."
+        )
+
+    try:
+        selection = select_adapter_tensors(model, config)
+    except ValueError as err:
+        raise ValueError(f"adapter {directory} does not fit this {model_name}: {err}") from None
+    slots = tensor_slots(model)
+    values = {}
+    for key in selection.tensors:
+        if key not in tensors:
+            raise mismatch(key, f"the file lacks it, but its config selects it on this {model_name}")
+        live, saved = slot_tensor(slots[key]), tensors[key]
+        if saved.shape != live.shape:
+            raise mismatch(key, f"shape {tuple(saved.shape)} in the file, {tuple(live.shape)} in the model")
+        if saved.is_floating_point() != live.is_floating_point():
+            raise mismatch(key, f"dtype {saved.dtype} in the file, {live.dtype} in the model")
+        values[key] = saved.to(device=live.device, dtype=live.dtype)
+    for key in sorted(set(tensors) - set(values)):
+        why = "the config does not select it on this model" if key in slots else "the model has no such tensor"
+        raise mismatch(key, f"the file has it, but {why}")
+    return config, selection, values
