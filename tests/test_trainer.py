@@ -1,14 +1,22 @@
+import os
+import shutil
+import subprocess
+import sys
+
 import datasets
 import pytest
+import safetensors.torch
 import torch
 import transformers
 from adapter_helpers import tiny_bert, tiny_vit
+from conftest import ROOT
 from safetensors import safe_open
 
 from normonly import NormOnlyConfig, NormOnlyModel, get_normonly_model
 from normonly.config import CONFIG_NAME, WEIGHTS_NAME
 from normonly.integrations.trainer import NormOnlyTrainer
 
+HELPER = ROOT / "tests" / "helpers" / "trainer_ddp.py"
 HEAD = NormOnlyConfig(modules_to_save=["classifier"])
 CHECKPOINT_FILES = {
     CONFIG_NAME,
@@ -264,3 +272,31 @@ def test_resuming_from_a_checkpoint_without_the_adapter_names_the_missing_file(t
     with pytest.raises(ValueError, match=r"holds no adapter 'default' \(no .*checkpoint-2/adapter_model"):
         resumed.train(resume_from_checkpoint=True)
     assert all(torch.equal(v, before[k]) for k, v in live_adapter(resumed.model).items())
+
+
+# ---------------------------------------------------------------- DDP
+@pytest.mark.slow
+def test_two_ddp_processes_train_one_adapter_and_resume_with_reentrant_checkpointing(tmp_path):
+    def launch(output, *flags):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        subprocess.run([*command, str(HELPER), str(output), *flags], env=env, check=True, capture_output=True)
+        ranks = [safetensors.torch.load_file(output / f"rank{r}.safetensors") for r in (0, 1)]
+        assert ranks[0].keys() == ranks[1].keys()
+        assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # DDP kept the replicas equal
+        return ranks[0]
+
+    full = launch(tmp_path / "full")
+    folder = tmp_path / "full" / "checkpoint-4"
+    assert {p.name for p in folder.iterdir()} == CHECKPOINT_FILES - {"rng_state.pth"} | {
+        "rng_state_0.pth",
+        "rng_state_1.pth",
+    }
+    saved = adapter_file(folder)
+    assert saved.keys() == full.keys() and all(torch.equal(saved[k], full[k]) for k in full)
+
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed = launch(tmp_path / "resumed", "--resume", "--reentrant")
+    assert all(torch.allclose(resumed[k], full[k], atol=1e-6) for k in full)
+    start = live_adapter(get_normonly_model(tiny_bert(), HEAD))
+    assert all(not torch.equal(resumed[k], start[k]) for k in start)

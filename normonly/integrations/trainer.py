@@ -16,7 +16,8 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import Trainer
+from accelerate.utils import DistributedDataParallelKwargs
+from transformers import PreTrainedModel, Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import can_return_loss, find_labels
 
@@ -66,6 +67,18 @@ class NormOnlyTrainer(Trainer):
         if self.model_accepts_loss_kwargs and not hasattr(model, "accepts_loss_kwargs"):
             parameters = inspect.signature(model.get_base_model().forward).parameters.values()
             self.model_accepts_loss_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+    def _build_accelerator_args(self, **kwargs) -> dict:
+        """DDP's ``find_unused_parameters`` as Trainer picks it for a transformers model (False under activation
+        checkpointing, where True makes reentrant checkpointing fail), decided on the base model."""
+        accelerator_args = super()._build_accelerator_args(**kwargs)
+        base = self.model.get_base_model() if isinstance(self.model, NormOnlyModel) else None
+        if self.args.ddp_find_unused_parameters is None and isinstance(base, PreTrainedModel):
+            checkpointing = getattr(base, "is_activation_checkpointing", False) or self.args.activation_checkpointing
+            for handler in accelerator_args.get("kwargs_handlers", []):
+                if isinstance(handler, DistributedDataParallelKwargs):
+                    handler.find_unused_parameters = not checkpointing
+        return accelerator_args
 
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None:
