@@ -168,6 +168,29 @@ def test_interrupted_run_resumes_from_its_last_checkpoint_to_the_same_result(tmp
     assert all(torch.equal(final[k], expected[k]) for k in expected)
 
 
+def test_a_named_adapter_is_saved_in_its_subfolder_and_resumed_from_it(tmp_path):
+    def two_adapters():
+        model = get_normonly_model(tiny_bert(), HEAD)  # "default" stays as initialized
+        model.add_adapter("task", HEAD)
+        model.set_adapter("task")
+        return model
+
+    reference = trainer(tmp_path / "reference", two_adapters(), max_steps=4)
+    reference.train()
+    run = trainer(tmp_path / "run", two_adapters(), max_steps=4)
+    run.add_callback(StopAt(3))
+    run.train()
+    folder = tmp_path / "run" / "checkpoint-2"
+    assert {p.name for p in (folder / "task").iterdir()} == {CONFIG_NAME, WEIGHTS_NAME}
+    untouched = live_adapter(get_normonly_model(tiny_bert(), HEAD))
+    assert all(torch.equal(v, untouched[k]) for k, v in adapter_file(folder).items())  # "default", in the folder
+
+    resumed = trainer(tmp_path / "run", two_adapters(), max_steps=4)
+    resumed.train(resume_from_checkpoint=True)
+    final, expected = live_adapter(resumed.model), live_adapter(reference.model)
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+
 # ---------------------------------------------------------------- gradient checkpointing, bf16
 def images(n: int = 48) -> list[dict]:
     g = torch.Generator().manual_seed(0)

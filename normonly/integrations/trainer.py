@@ -24,17 +24,17 @@ from transformers.utils import can_return_loss, find_labels
 from ..config import WEIGHTS_NAME
 from ..model import NormOnlyModel
 
-__all__ = ["NormOnlyTrainer", "adapter_directory"]
+__all__ = ["NormOnlyTrainer"]
 
 
-def adapter_directory(save_directory: str | os.PathLike, adapter_name: str) -> Path:
+def _adapter_directory(save_directory: str | os.PathLike, adapter_name: str) -> Path:
     """Where ``NormOnlyModel.save_pretrained(save_directory)`` puts ``adapter_name``: the folder itself for
     ``"default"``, else a subfolder named after the adapter (as in peft)."""
     return Path(save_directory) if adapter_name == "default" else Path(save_directory) / adapter_name
 
 
 class NormOnlyTrainer(Trainer):
-    """``transformers.Trainer`` for a ``NormOnlyModel``: same arguments, checkpoints of a few kilobytes.
+    """``transformers.Trainer`` for a ``NormOnlyModel``: same arguments, checkpoints without the base model.
 
     >>> model = normonly.get_normonly_model(base, NormOnlyConfig(modules_to_save=["classifier"]))
     >>> trainer = NormOnlyTrainer(model=model, args=TrainingArguments("out", eval_strategy="steps",
@@ -107,7 +107,7 @@ class NormOnlyTrainer(Trainer):
     def _restore_active_adapter(self, checkpoint: str | os.PathLike) -> None:
         """Copy the active adapter's values saved in ``checkpoint`` into the model, in its existing parameters."""
         name = self.model.active_adapter
-        directory = adapter_directory(checkpoint, name)
+        directory = _adapter_directory(checkpoint, name)
         if not (directory / WEIGHTS_NAME).is_file():
             raise ValueError(
                 f"{checkpoint} holds no adapter {name!r} (no {directory / WEIGHTS_NAME}): it was not written by "
