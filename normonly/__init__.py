@@ -15,6 +15,22 @@ from .config import NormOnlyConfig
 from .model import NormOnlyModel, get_normonly_model
 from .peft_compat import from_peft_adapter, to_peft_adapter, to_peft_config
 
+# isort: split
+# Trainer integration: `normonly.NormOnlyTrainer` imports transformers.Trainer (seconds) on first use only
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .integrations.trainer import NormOnlyTrainer
+
+
+def __getattr__(name: str):
+    if name == "NormOnlyTrainer":
+        from .integrations.trainer import NormOnlyTrainer
+
+        return NormOnlyTrainer
+    raise AttributeError(f"module 'normonly' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -33,4 +49,6 @@ __all__ = [
     "to_peft_config",
     "to_peft_adapter",
     "from_peft_adapter",
+    # Trainer integration
+    "NormOnlyTrainer",
 ]

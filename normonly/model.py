@@ -103,6 +103,10 @@ class NormOnlyModel(nn.Module):
         for layer in {self._slots[n][0] for n in stats}:
             self._hooks.append(layer.register_forward_pre_hook(self._freeze_stats.before))
             self._hooks.append(layer.register_forward_hook(self._freeze_stats.after, always_call=True))
+        self._input_grad_hook = None
+        checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers 5; 4 has only the old name
+        if checkpointing or (checkpointing is None and getattr(model, "is_gradient_checkpointing", False)):
+            self._require_input_grads()
         if config is not None:
             self.set_adapter(adapter_name)
 
@@ -134,6 +138,47 @@ class NormOnlyModel(nn.Module):
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         return count_parameters(self.base_model)
 
+    # ------------------------------------------------------------------ activation checkpointing
+    def activation_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """The base model's ``activation_checkpointing_enable`` (transformers 5), made safe for frozen weights.
+
+        With every weight before the first checkpointed layer frozen, reentrant checkpointing
+        (``use_reentrant=True``) sees inputs that do not require grad and gives the norms inside the layers no
+        gradient. As peft does, a forward hook on the input embeddings makes their output require grad.
+        ``transformers.Trainer(activation_checkpointing=True)`` calls this method.
+        """
+        self.base_model.activation_checkpointing_enable(*args, **kwargs)
+        self._require_input_grads()
+
+    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """The base model's ``gradient_checkpointing_enable`` (the transformers 4 name), made safe for frozen weights."""
+        self.base_model.gradient_checkpointing_enable(*args, **kwargs)
+        self._require_input_grads()
+
+    def activation_checkpointing_disable(self) -> None:
+        self.base_model.activation_checkpointing_disable()
+        self._release_input_grads()
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.base_model.gradient_checkpointing_disable()
+        self._release_input_grads()
+
+    def _require_input_grads(self) -> None:
+        if self._input_grad_hook is not None:
+            return
+        get_embeddings = getattr(self.base_model, "get_input_embeddings", None)
+        try:
+            embeddings = get_embeddings() if get_embeddings is not None else None
+        except NotImplementedError:
+            embeddings = None
+        if isinstance(embeddings, nn.Module):
+            self._input_grad_hook = embeddings.register_forward_hook(_output_requires_grad)
+
+    def _release_input_grads(self) -> None:
+        if self._input_grad_hook is not None:
+            self._input_grad_hook.remove()
+            self._input_grad_hook = None
+
     # ------------------------------------------------------------------ adapters in memory
     def add_adapter(self, adapter_name: str, config: NormOnlyConfig) -> None:
         """Add a new trainable adapter from the base's values and ``config.init``; it is not activated."""
@@ -151,6 +196,10 @@ class NormOnlyModel(nn.Module):
         with torch.no_grad():
             self._sync_active()
             self._write(adapter_name)
+        self._activate(adapter_name)
+
+    def _activate(self, adapter_name: str) -> None:
+        """Mark ``adapter_name`` (already written into the base) active: requires_grad flags, BatchNorm hooks."""
         self._active = adapter_name
         adapter = self._adapters[adapter_name]
         trainable = set(adapter.selection.trainable) if adapter.trainable else set()
@@ -252,14 +301,27 @@ class NormOnlyModel(nn.Module):
             wrapper.eval()
         return wrapper
 
-    def load_adapter(self, directory: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
+    def load_adapter(
+        self, directory: str | os.PathLike, adapter_name: str, is_trainable: bool = False, overwrite: bool = False
+    ) -> None:
         """Load another adapter from ``directory`` under ``adapter_name``; it is not activated.
 
         As in peft, ``is_trainable=False`` puts the model in eval mode. On any error nothing changes.
+        ``overwrite=True`` replaces an adapter of that name (config and values) instead of refusing; if it is the
+        active one, the base model gets the loaded values at once, in its existing parameters, so an optimizer
+        built over them stays valid (this is how ``NormOnlyTrainer`` resumes and restores the best checkpoint).
         """
-        self._check_new_name(adapter_name)
+        replacing = overwrite and adapter_name in self._adapters
+        if not replacing:
+            self._check_new_name(adapter_name)
+        elif self._disabled:
+            raise RuntimeError("cannot replace an adapter inside disable_adapter(): leave the `with` block first")
         config, selection, values = _read_adapter(self.base_model, directory)
         self._add(adapter_name, config, selection, values=values, trainable=is_trainable)
+        if replacing and adapter_name == self._active:
+            with torch.no_grad():
+                self._write(adapter_name)
+            self._activate(adapter_name)
         if not is_trainable:
             self.eval()
 
@@ -332,6 +394,7 @@ class NormOnlyModel(nn.Module):
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        self._release_input_grads()
         for n, p in self.base_model.named_parameters():
             p.requires_grad_(self._requires_grad_before.get(n, p.requires_grad))
         self._adapters.clear()
@@ -348,6 +411,11 @@ class NormOnlyModel(nn.Module):
                 store[k] = fn(v)
         self._sources.clear()
         return self
+
+
+def _output_requires_grad(module: nn.Module, args, output) -> None:
+    if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.is_floating_point():
+        output.requires_grad_(True)
 
 
 def _check_name(adapter_name: str) -> None:

@@ -30,6 +30,18 @@ def tiny_bert(seed: int = 0, hidden: int = 32) -> nn.Module:
     return transformers.BertForSequenceClassification(config)
 
 
+def tiny_vit(seed: int = 0) -> nn.Module:
+    """ViT for image classification (16 px images, 4 px patches) from a tiny config, random weights, 3 labels."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.ViTConfig(
+        image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37
+    )
+    config.num_labels = 3
+    return transformers.ViTForImageClassification(config)
+
+
 def images(seed: int, batch: int = 4, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, size, size, generator=g), torch.randint(0, 10, (batch,), generator=g)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torchvision
 import zoo
-from adapter_helpers import assert_same_state, images, logits, resnet18, state, tiny_bert, tokens, train
+from adapter_helpers import assert_same_state, images, logits, resnet18, state, tiny_bert, tiny_vit, tokens, train
 from safetensors import safe_open
 from torch import nn
 
@@ -452,3 +452,98 @@ def test_failed_save_keeps_the_previous_adapter_files_whole(tmp_path, monkeypatc
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(directory)
     assert {p.name: p.read_bytes() for p in directory.iterdir()} == before  # both files old, no temp files
+
+
+# ---------------------------------------------------------------- replacing an adapter in place (resume, best model)
+def test_load_adapter_with_overwrite_puts_the_saved_values_into_the_same_parameters(tmp_path):
+    trained, directory = _trained(tmp_path)
+    model = get_normonly_model(resnet18(), HEAD)
+    params = list(model.parameters())
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.load_adapter(directory, "default", is_trainable=True, overwrite=True)
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))  # an optimizer stays valid
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags and model.training
+    x, _ = images(99)
+    trained.eval()
+    model.eval()
+    assert torch.equal(logits(model, x), logits(trained, x))
+    model.save_pretrained(tmp_path / "again")
+    assert all(torch.equal(v, trained.base_model.state_dict()[k]) for k, v in state_dict_of(tmp_path / "again").items())
+
+
+def test_load_adapter_with_overwrite_of_an_inactive_adapter_leaves_the_live_model_alone(tmp_path):
+    trained, directory = _trained(tmp_path)
+    model = get_normonly_model(resnet18(), HEAD, "a")
+    model.add_adapter("b", HEAD)
+    model.eval()
+    x, _ = images(99)
+    before = logits(model, x)
+    model.load_adapter(directory, "b", overwrite=True)
+    assert torch.equal(logits(model, x), before)
+    model.set_adapter("b")
+    trained.eval()
+    assert torch.equal(logits(model, x), logits(trained, x))
+
+
+def test_load_adapter_with_overwrite_takes_the_saved_config(tmp_path):
+    _, directory = _trained(tmp_path, NormOnlyConfig(target_modules="bn1"))  # the stem's BatchNorm only, no head
+    model = get_normonly_model(resnet18(), HEAD)
+    train(model, 2)
+    model.load_adapter(directory, "default", is_trainable=True, overwrite=True)
+    assert model.normonly_config["default"].modules_to_save is None
+    assert {n for n, p in model.base_model.named_parameters() if p.requires_grad} == {"bn1.weight", "bn1.bias"}
+    assert torch.equal(model.base_model.fc.weight, resnet18().fc.weight)  # the head is the base's again
+
+
+def test_failed_overwrite_changes_nothing(tmp_path):
+    _, directory = _trained(tmp_path)
+    (directory / WEIGHTS_NAME).write_bytes(b"\x07" * 64)
+    model = get_normonly_model(resnet18(), HEAD)
+    train(model, 2)
+    before = _wrapper_state(model)
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        model.load_adapter(directory, "default", is_trainable=True, overwrite=True)
+    assert_same_state(_wrapper_state(model), before)
+    with model.disable_adapter(), pytest.raises(RuntimeError, match="disable_adapter"):
+        model.load_adapter(directory, "default", overwrite=True)
+
+
+def state_dict_of(directory) -> dict:
+    return normonly.safe_io.read_tensors(directory / WEIGHTS_NAME)
+
+
+# ---------------------------------------------------------------- activation checkpointing
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_checkpointing_gives_every_norm_the_gradient_it_gets_without(use_reentrant):
+    """In a ViT nothing before the first layer is a norm: reentrant checkpointing needs inputs that require grad."""
+
+    def gradients(checkpointing: bool) -> dict:
+        model = get_normonly_model(tiny_vit(), NormOnlyConfig())
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        model.train()
+        x, y = images(0, size=16)
+        torch.manual_seed(0)  # dropout
+        model(pixel_values=x, labels=y % 3).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    expected, got = gradients(False), gradients(True)
+    assert len(expected) == 10 and all(got[n] is not None for n in expected)
+    assert all(torch.allclose(got[n], expected[n], atol=1e-6) for n in expected)
+
+
+def test_checkpointing_hooks_go_away_with_disable_and_unload():
+    def hooks(module):
+        return sum(len(m._forward_hooks) for m in module.modules())
+
+    base = tiny_vit()
+    bare = hooks(base)
+    base.activation_checkpointing_enable()  # enabled before wrapping: the wrapper adds the input hook itself
+    model = get_normonly_model(base, NormOnlyConfig())
+    assert hooks(base) == bare + 1
+    model.activation_checkpointing_disable()
+    assert hooks(base) == bare and not base.is_activation_checkpointing
+    model.activation_checkpointing_enable()
+    model.activation_checkpointing_enable()
+    assert hooks(base) == bare + 1
+    assert hooks(model.merge_and_unload()) == bare
