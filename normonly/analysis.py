@@ -23,6 +23,10 @@ DISABLED_THRESHOLD = 0.05
 THRESHOLDS = (0.01, 0.05, 0.1)
 
 
+def _share(mask: torch.Tensor) -> float:
+    return int(mask.sum()) / mask.numel()
+
+
 def _affine_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     layers = [(n, m) for n, m in norm_layers(model) if isinstance(getattr(m, "weight", None), torch.Tensor)]
     if not layers:
@@ -53,20 +57,20 @@ def gamma_stats(
             {
                 "name": name,
                 "channels": g.numel(),
-                "disabled_fraction": float((g < threshold).float().mean()),
-                "fraction_below": {str(t): float((g < t).float().mean()) for t in thresholds},
+                "disabled_fraction": _share(g < threshold),
+                "fraction_below": {str(t): _share(g < t) for t in thresholds},
                 "gamma_abs_mean": float(g.mean()),
                 "gamma_abs_median": float(g.median()),
                 "beta_mean": float(b.mean()),
-                "beta_negative_fraction": float((b < 0).float().mean()),
+                "beta_negative_fraction": _share(b < 0),
             }
         )
     g = torch.cat(gammas)
     return {
         "threshold": threshold,
         "channels": g.numel(),
-        "disabled_fraction": float((g < threshold).float().mean()),
-        "fraction_below": {str(t): float((g < t).float().mean()) for t in thresholds},
+        "disabled_fraction": _share(g < threshold),
+        "fraction_below": {str(t): _share(g < t) for t in thresholds},
         "gamma_abs_mean": float(g.mean()),
         "layers": layers,
     }
@@ -103,7 +107,7 @@ def dead_relu_fraction(model: nn.Module, batches: Iterable[torch.Tensor], names:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return {n: float(1 - alive[n].float().mean()) for n in names if n in alive}
+    return {n: 1 - _share(alive[n]) for n in names if n in alive}
 
 
 def plot_gamma(runs: Mapping[str, nn.Module], path: str | Path, threshold: float = DISABLED_THRESHOLD) -> Path:

@@ -262,10 +262,11 @@ def training_function(args: argparse.Namespace) -> tuple[dict, torch.nn.Module]:
             "seconds": seconds, "train_seconds": train_seconds,
         }
         accelerator.log(record, step=step)
-        bar.write(
-            f"epoch {epoch + 1}: train loss {train_loss:.3f} acc {train_acc:.3f} | test acc {test_acc:.4f} "
-            f"| {record['images_per_second']:.0f} img/s"
-        )
+        if accelerator.is_local_main_process:
+            bar.write(
+                f"epoch {epoch + 1}: train loss {train_loss:.3f} acc {train_acc:.3f} | test acc {test_acc:.4f} "
+                f"| {record['images_per_second']:.0f} img/s"
+            )
         if accelerator.is_main_process:
             with open(output / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")

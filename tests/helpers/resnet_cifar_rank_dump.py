@@ -7,6 +7,8 @@ from pathlib import Path
 from accelerate import PartialState
 from safetensors.torch import save_file
 
+import normonly
+
 ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("resnet_cifar", ROOT / "recipes" / "resnet_cifar.py")
 recipe = importlib.util.module_from_spec(spec)
@@ -17,5 +19,6 @@ if __name__ == "__main__":
     results, model = recipe.training_function(args)
     rank = PartialState().process_index
     tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    tensors |= {n: p.detach().contiguous() for n, p in model.named_parameters() if ".bn" in n or n.startswith("bn")}
+    gamma_beta = set(normonly.norm_parameter_names(model))
+    tensors |= {n: p.detach().contiguous() for n, p in model.named_parameters() if n in gamma_beta}
     save_file(tensors, str(Path(args.output) / f"rank{rank}.safetensors"))
