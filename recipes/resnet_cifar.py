@@ -7,13 +7,16 @@ lr x0.1 at 50 % and 75 % of training (epochs 80 and 120), pad-4 crop + flip.
     # one CPU process (what `make train` runs), or simply `python recipes/resnet_cifar.py ...`
     accelerate launch --cpu --num_processes 1 recipes/resnet_cifar.py --depth 14 --train norm \
         --epochs 30 --schedule cosine --output runs/r14-norm
-    # two CPU processes (DDP over gloo): the global batch of 128 is split 64 + 64
-    accelerate launch --cpu --num_processes 2 recipes/resnet_cifar.py --depth 14 --train norm --output runs/r14-ddp
+    # two CPU processes (DDP over gloo), the global batch of 128 split 64 + 64. Not `--cpu --num_processes 2`:
+    # without MPI, accelerate's CPU launcher silently starts one process; this config uses torchrun instead
+    ACCELERATE_USE_CPU=1 accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml recipes/resnet_cifar.py \
+        --depth 14 --train norm --output runs/r14-ddp
     # all GPUs of a machine, bf16 autocast, BatchNorm statistics synchronized across GPUs
     accelerate launch --config_file recipes/accelerate/multi_gpu.yaml recipes/resnet_cifar.py \
         --depth 110 --train norm --mixed-precision bf16 --sync-bn --output runs/r110-norm
     # continue an interrupted run from its last finished epoch (same flags plus --resume)
-    accelerate launch recipes/resnet_cifar.py --depth 14 --train norm --output runs/r14-norm --resume
+    accelerate launch --cpu --num_processes 1 recipes/resnet_cifar.py --depth 14 --train norm \
+        --epochs 30 --schedule cosine --output runs/r14-norm --resume
 
 --train picks what is trained: all | norm (BatchNorm γ/β only) | norm+output | output (the linear layer only) |
 random (2 random weights per output channel of every conv, as many as BatchNorm has: Frankle's control).
@@ -279,6 +282,7 @@ def training_function(args: argparse.Namespace) -> tuple[dict, torch.nn.Module]:
         "seconds": seconds, "train_seconds": train_seconds,
         "images_per_second": min(step, total_steps) * args.batch_size / max(train_seconds, 1e-9),
         "steps": step, "epochs_run": epochs, "num_processes": world, "device": str(device),
+        "precision": accelerator.mixed_precision,
         "mode": args.train, **config,
     }
     accelerator.wait_for_everyone()
