@@ -145,7 +145,7 @@ def training_function(args: argparse.Namespace) -> tuple[dict, torch.nn.Module]:
         cpu=not torch.accelerator.is_available(),  # lets torchrun / --multi_gpu launches run N CPU processes (gloo)
         mixed_precision=args.mixed_precision,
         dynamo_backend="inductor" if args.compile else None,
-        dataloader_config=DataLoaderConfiguration(split_batches=True),  # the test loader's 1000 is global too
+        dataloader_config=DataLoaderConfiguration(split_batches=True),  # the test loader's batch is global too
         log_with=tracker,
         project_dir=str(output),
     )
@@ -173,7 +173,7 @@ def training_function(args: argparse.Namespace) -> tuple[dict, torch.nn.Module]:
             raise SystemExit(f"error: {err}") from None
     x_train, y_train = data["x_train"].to(device), data["y_train"].to(device).long()
     test_set = torch.utils.data.TensorDataset(data["x_test"], data["y_test"].long())
-    test_loader = torch.utils.data.DataLoader(test_set, batch_size=1000)
+    test_loader = torch.utils.data.DataLoader(test_set, batch_size=128 * world)  # 128 a process: cache-friendly on CPU
 
     set_seed(args.seed)
     model = cifar_resnet(args.depth, args.width, num_classes=10)
