@@ -56,19 +56,28 @@ def main(argv=None) -> dict:
     batches = [normalize(x[i : i + 500], channels_last=False) for i in range(0, len(x), 500)]
     report = {"threshold": args.threshold, "images": len(x), "runs": {}}
     for label, (config, model) in runs.items():
-        relu1 = [n for n, _ in model.named_modules() if n.endswith("relu1")]  # the ReLUs right after a BatchNorm
-        dead = dead_relu_fraction(model, batches, names=relu1)
+        # `bn` and every `bn1` feed a ReLU directly; `bn2` and the shortcut BatchNorms feed the residual sum
+        relus = [n for n, _ in model.named_modules() if n == "relu" or n.endswith("relu1")]
+        dead = dead_relu_fraction(model, batches, names=relus)
         stats = gamma_stats(model, args.threshold)
-        channels = {layer["name"]: layer["channels"] for layer in stats["layers"]}
-        bn1 = [channels[n.replace("relu1", "bn1")] for n in relu1]
-        stats["dead_relu1_fraction"] = sum(f * c for f, c in zip(dead.values(), bn1)) / sum(bn1)
-        stats["dead_relu1_per_layer"] = dead
+        layers = {layer["name"]: layer for layer in stats["layers"]}
+        feeding = [n[: -len("relu1")] + "bn1" if n.endswith("relu1") else "bn" for n in relus]
+        channels = [layers[n]["channels"] for n in feeding]
+        stats["dead_after_relu_fraction"] = sum(f * c for f, c in zip(dead.values(), channels)) / sum(channels)
+        stats["dead_after_relu_per_layer"] = dead
+        for group, names in (("before_relu", feeding), ("before_add", [n for n in layers if n not in feeding])):
+            n_ch = sum(layers[n]["channels"] for n in names)
+            stats[f"disabled_fraction_{group}"] = (
+                sum(layers[n]["disabled_fraction"] * layers[n]["channels"] for n in names) / n_ch
+            )
         report["runs"][label] = {"accuracy": _accuracy(config, label), **stats}
         print(
             f"{label:28s} |γ|<{args.threshold}: {100 * stats['disabled_fraction']:5.1f} % of {stats['channels']} "
             f"channels (<0.01: {100 * stats['fraction_below']['0.01']:.1f} %, <0.1: "
-            f"{100 * stats['fraction_below']['0.1']:.1f} %); dead after bn1+ReLU: "
-            f"{100 * stats['dead_relu1_fraction']:.1f} %"
+            f"{100 * stats['fraction_below']['0.1']:.1f} %); BatchNorms feeding a ReLU: "
+            f"{100 * stats['disabled_fraction_before_relu']:.1f} %, feeding the residual sum: "
+            f"{100 * stats['disabled_fraction_before_add']:.1f} %; ReLU channels dead on every test input: "
+            f"{100 * stats['dead_after_relu_fraction']:.1f} %"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
