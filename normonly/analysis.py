@@ -2,7 +2,7 @@
 
 Frankle et al. report that BatchNorm-only training drives γ to near zero for "a quarter to a half" of the
 channels. ``gamma_stats`` measures that per layer: a channel counts as *disabled* when ``|γ| < threshold``
-(default 0.05, i.e. under 5 % of the mean |γ| = 0.5 of the U[0, 1] initialization; fractions at 0.01 and 0.1 are
+(default 0.05, a tenth of the mean |γ| = 0.5 of the U[0, 1] initialization; fractions at 0.01 and 0.1 are
 reported too). ``dead_relu_fraction`` checks the functional effect: the channels of a ReLU that output zero for
 every position of every input.
 """
