@@ -76,7 +76,11 @@ def reconstruct(
         )
     fit_opts = {key: opts.pop(key) for key in ("margin", "bounds") if key in opts}
     if method == "lowrank":
-        needed = [max(1, int(torch.linalg.matrix_rank(t.weight))) for t in layers]
+        # numerical rank at the precision the target was stored in
+        needed = [
+            max(1, int(torch.linalg.matrix_rank(t.weight, rtol=max(t.shape) * torch.finfo(t.dtype).eps)))
+            for t in layers
+        ]
         rank = opts.get("rank")
         if rank is None:
             opts["rank"] = needed

@@ -12,11 +12,12 @@ __all__ = ["TargetLayer", "target_layers", "interval", "check_bound"]
 
 @dataclass(frozen=True)
 class TargetLayer:
-    """One ``Linear`` of the target (float64 copies) and whether a ``ReLU`` follows it."""
+    """One ``Linear`` of the target (float64 copies), whether a ``ReLU`` follows it, and its own dtype."""
 
     weight: Tensor
     bias: Tensor
     relu: bool
+    dtype: torch.dtype = torch.float64
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -51,7 +52,7 @@ def target_layers(target: nn.Module) -> list[TargetLayer]:
                     f"target sizes do not chain: layer {i} ({m}) takes {w.shape[1]} features but the "
                     f"previous Linear gives {layers[-1][0].shape[0]}"
                 )
-            layers.append([w, b, False])
+            layers.append([w, b, False, m.weight.dtype])
         elif isinstance(m, nn.ReLU):
             if not layers or layers[-1][2]:
                 raise ValueError(f"target module {i} is a ReLU that does not follow a Linear; use Linear, ReLU, Linear, ...")
@@ -63,7 +64,7 @@ def target_layers(target: nn.Module) -> list[TargetLayer]:
             )
     if not layers:
         raise ValueError("target has no nn.Linear layer")
-    return [TargetLayer(w, b, r) for w, b, r in layers]
+    return [TargetLayer(w, b, r, dt) for w, b, r, dt in layers]
 
 
 def interval(F: Tensor, f: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
