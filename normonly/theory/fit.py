@@ -42,6 +42,9 @@ class FitResult:
     def __float__(self) -> float:
         return self.residual
 
+    def __repr__(self) -> str:
+        return f"FitResult(residual={self.residual:.3g}, exact={self.exact}, layers={len(self.layer_residuals)})"
+
 
 @dataclass(frozen=True)
 class _Layer:
