@@ -69,6 +69,12 @@ def test_fit_retargets_a_reconstruction_to_a_new_target(method, opts):
     assert all(torch.equal(p, frozen[n]) for n, p in net.named_parameters() if not p.requires_grad)
 
 
+def test_fit_handles_a_pair_without_relu_inside():
+    target = mlp([3, 3])
+    net = nn.Sequential(nn.Linear(3, 9), nn.BatchNorm1d(9), nn.Linear(9, 3), nn.BatchNorm1d(3)).double().eval()
+    assert theory.fit(net, target).exact and error(net, target) < 1e-10
+
+
 def test_fit_on_a_float32_net_writes_float32_gamma_beta():
     target = mlp([3, 2])
     net = user_net([3, 2], [6]).float()

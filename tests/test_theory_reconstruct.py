@@ -128,3 +128,27 @@ def test_from_normonly_import_theory():
     from normonly import theory as t
 
     assert t is normonly.theory and callable(t.reconstruct) and callable(t.fit) and callable(t.khatri_rao)
+
+
+# which nn.ReLU modules of the result for a [4, 5, 3] target (ReLU after layer 0 only) belong to the
+# construction (must be on over the box) rather than reproduce the target's ReLU (may be off)
+ON_PATTERN = {"wide": [True, False, True], "skip": [True] * 4, "lowrank": [True, True, True, False, True, True, True]}
+
+
+@pytest.mark.parametrize("method", list(ON_PATTERN))
+def test_every_relu_of_the_construction_is_on_over_the_whole_box(method):
+    target = mlp([4, 5, 3])
+    opts = {"k": 2} if method == "skip" else {}
+    net = theory.reconstruct(target, method=method, input_bound=3.0, device="cpu", **opts)
+    relus = [m for m in net.modules() if isinstance(m, nn.ReLU)]
+    assert len(relus) == len(ON_PATTERN[method])
+    seen = {}
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.__setitem__(m, i[0])) for m in relus]
+    with torch.no_grad():
+        net(theory.box_inputs(4, 500, input_bound=3.0))
+    for h in hooks:
+        h.remove()
+    for relu, on in zip(relus, ON_PATTERN[method]):
+        if on:
+            assert float(seen[relu].min()) >= 0
+    assert any(float(seen[r].min()) < 0 for r, on in zip(relus, ON_PATTERN[method]) if not on) or method == "skip"
