@@ -41,6 +41,11 @@ def _factor(F: Tensor, r: int) -> tuple[Tensor, Tensor]:
 
 
 def solve_stage(kind: str, stage, F: Tensor, f: Tensor, lo: Tensor, hi: Tensor, margin: float):
+    """γ/β making a stage compute ``F h + f`` (before the target's ReLU) for ``lo <= h <= hi``.
+
+    Returns the linear map F̂ the stage realizes (F up to rounding, or its least-squares
+    approximation) and a list of ``(batchnorm, scale, shift)`` to write.
+    """
     if kind == "pair":
         A, B = stage
         gamma, F_hat = _gamma(A, B, F)
@@ -59,7 +64,8 @@ def solve_stage(kind: str, stage, F: Tensor, f: Tensor, lo: Tensor, hi: Tensor, 
     F_hat, assignments = torch.zeros_like(F), []
     low_sum, shift_prev = torch.zeros_like(f), torch.zeros_like(f)
     for i, ((a, b), (A, B)) in enumerate(zip(layer.blocks, pairs)):
-        gamma, F_hat[:, a:b] = _gamma(A, B, F[:, a:b])
+        gamma, F_block = _gamma(A, B, F[:, a:b])
+        F_hat[:, a:b] = F_block
         low_sum = low_sum + interval(F_hat[:, a:b], torch.zeros_like(f), lo[a:b], hi[a:b])[0]
         # the residual stream y_i = sum_{j<=i} F_j h_j + shift_i passes a ReLU after every addition
         shift = (-low_sum).clamp(min=0) * (1 + margin) if i < len(pairs) - 1 else f

@@ -21,6 +21,8 @@ SUPPORTED = (
 
 @dataclass(frozen=True)
 class Layer:
+    """One frozen ``Linear``, the ``BatchNorm1d`` after it, and whether a ``ReLU`` follows."""
+
     linear: nn.Linear
     bn: nn.BatchNorm1d
     relu: bool
