@@ -1,5 +1,7 @@
 """normonly: fine-tune any PyTorch model by training only its normalization layers."""
 
+# theory: `from normonly import theory` (Giannou et al. constructions)
+from . import theory as theory
 from .detect import is_norm_layer, norm_layers, register_norm_layer
 from .freeze import (
     count_parameters,
