@@ -15,6 +15,11 @@ from .config import NormOnlyConfig
 from .model import NormOnlyModel, get_normonly_model
 from .peft_compat import from_peft_adapter, to_peft_adapter, to_peft_config
 
+# isort: split
+# performance
+from .lean import lean_frozen_convs
+from .training import eval_mode, trainable_parameters
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -33,4 +38,8 @@ __all__ = [
     "to_peft_config",
     "to_peft_adapter",
     "from_peft_adapter",
+    # performance
+    "trainable_parameters",
+    "eval_mode",
+    "lean_frozen_convs",
 ]
