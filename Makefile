@@ -17,9 +17,11 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(JOBS) tests
 
-## the main job (see README)
+## the main job (see README): ResNet-14, BatchNorm only, CIFAR-10, 30 epochs cosine; resumes if interrupted
+ARGS ?= --depth 14 --train norm --epochs 30 --schedule cosine --output runs/resnet14-norm --resume
 train: $(STAMP)
-	$(PY) examples/quickstart.py
+	.venv/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+		recipes/resnet_cifar.py $(ARGS)
 
 ## 10-line example: freeze a torchvision ResNet-18 to its BatchNorms and train a few steps
 example: $(STAMP)
