@@ -12,8 +12,9 @@ Methods, each on a fresh copy of the same model, all with the same fused AdamW:
     normonly-plain  (ablation) normonly's freezing, but AdamW(model.parameters()) with torch's default implementation
     normonly-lean   (ablation) normonly with the forward pass inside normonly.lean_frozen_convs()
 
-Time: per model, every method runs warm-up steps, then --repeats rounds; in each round each method runs a few
-steps (forward + backward + optimizer step) in a rotated order, so load on the machine hits all methods alike.
+Time: per model, every method runs warm-up steps, then --repeats rounds; in each round the methods take turns in a
+shuffled order, each running one untimed step (the previous method left its own tensors in the caches) and then a
+few timed steps (forward + backward + optimizer step), so load on the machine hits all methods alike.
 The table shows the median wall-clock step time over rounds and its ratio to full fine-tuning, and the same ratio
 for this process's CPU time (time.process_time), which leaves out time spent waiting for a shared CPU. Memory: each (model, method) runs again
 in a fresh process (forked from a server that has imported the libraries and built nothing); on the CPU its peak
@@ -36,6 +37,7 @@ import json
 import multiprocessing
 import os
 import platform
+import random
 import resource
 import statistics
 import sys
@@ -225,10 +227,12 @@ def bench_time(name: str, methods: list[str], args, device: torch.device) -> dic
     steps = args.steps or max(1, min(20, round((0.1 if args.quick else 0.5) / max(warm["full"], 1e-4))))
     for r in runs.values():
         r["rounds"], r["cpu_rounds"] = [], []
+    shuffle = random.Random(0)
     for i in range(args.repeats):
-        order = methods[i % len(methods) :] + methods[: i % len(methods)]
+        order = shuffle.sample(methods, len(methods))
         for method in order:
             run = runs[method]
+            run["step"]()  # untimed: the previous method left other tensors in the caches
             wall, cpu = zip(*(timed_both(run["step"], device) for _ in range(steps)))
             run["rounds"].append(statistics.mean(wall))
             run["cpu_rounds"].append(statistics.mean(cpu))
@@ -276,10 +280,21 @@ def bench_eval(name: str, args, device: torch.device) -> dict[str, float]:
     for fn in modes.values():
         fn()
     times = {k: [] for k in modes}
-    for i in range(args.repeats):
-        for key in list(modes)[i % 3 :] + list(modes)[: i % 3]:
+    shuffle = random.Random(0)
+    for _ in range(args.repeats):
+        for key in shuffle.sample(list(modes), len(modes)):
+            modes[key]()
             times[key].append(timed(modes[key], device))
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"CPU ({name}, {os.cpu_count()} cores)"
 
 
 def _rss_bytes() -> int:
@@ -386,9 +401,7 @@ def main(argv=None):
     started = time.time()
     meta = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "threads": args.threads,
         "torch": torch.__version__,
         "python": platform.python_version(),
