@@ -129,7 +129,7 @@ SPECS: dict[str, Spec] = {
 }
 
 
-def make_batch(spec: Spec, quick: bool, device: torch.device) -> tuple[dict, torch.Tensor]:
+def make_batch(spec: Spec, quick: bool, device: torch.device, channels_last: bool = False) -> tuple[dict, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     batch, size = spec.shape(quick)
     labels = torch.randint(0, spec.classes, (batch,), generator=g)
@@ -138,7 +138,15 @@ def make_batch(spec: Spec, quick: bool, device: torch.device) -> tuple[dict, tor
     else:
         key = "pixel_values" if spec.kind == "hf-image" else "x"
         inputs = {key: torch.randn(batch, 3, size, size, generator=g)}
+    if channels_last and spec.kind == "image":
+        inputs["x"] = inputs["x"].contiguous(memory_format=torch.channels_last)
     return {k: v.to(device) for k, v in inputs.items()}, labels.to(device)
+
+
+def place(model: nn.Module, spec: Spec, device: torch.device, channels_last: bool) -> nn.Module:
+    """The model on ``device``, CNNs in channels_last memory format when asked."""
+    fmt = torch.channels_last if channels_last and spec.kind == "image" else torch.preserve_format
+    return model.to(device, memory_format=fmt)
 
 
 def build_model(name: str, quick: bool) -> nn.Module:
@@ -216,16 +224,16 @@ def bench_time(name: str, methods: list[str], args, device: torch.device) -> dic
     """Interleaved step times of every method on one model; per method the per-round mean step times."""
     spec = SPECS[name]
     base = build_model(name, args.quick)
-    inputs, labels = make_batch(spec, args.quick, device)
+    inputs, labels = make_batch(spec, args.quick, device, args.channels_last)
     runs = {}
     for method in methods:
-        model, opt = prepare(method, copy.deepcopy(base).to(device), spec)
+        model, opt = prepare(method, place(copy.deepcopy(base), spec, device, args.channels_last), spec)
         trainable, total = normonly.count_parameters(model)
         runs[method] = {"step": make_step(method, model, opt, inputs, labels), "trainable": trainable, "total": total}
     del base
     for _ in range(args.warmup):
         warm = {method: timed(r["step"], device) for method, r in runs.items()}
-    steps = args.steps or max(1, min(20, round((0.1 if args.quick else 0.5) / max(warm["full"], 1e-4))))
+    steps = args.steps or max(1, min(20, round((0.1 if args.quick else 1.0) / max(warm["full"], 1e-4))))
     for r in runs.values():
         r["rounds"], r["cpu_rounds"] = [], []
     shuffle = random.Random(0)
@@ -255,8 +263,8 @@ def bench_time(name: str, methods: list[str], args, device: torch.device) -> dic
 def bench_eval(name: str, args, device: torch.device) -> dict[str, float]:
     """Median forward time of the norm-only model in eval mode: autograd on, no_grad, normonly.eval_mode."""
     spec = SPECS[name]
-    model = normonly.freeze_all_but_norm(build_model(name, args.quick)).to(device)
-    inputs, _ = make_batch(spec, args.quick, device)
+    model = place(normonly.freeze_all_but_norm(build_model(name, args.quick)), spec, device, args.channels_last)
+    inputs, _ = make_batch(spec, args.quick, device, args.channels_last)
     x = inputs.get("x")
 
     def forward():
@@ -306,13 +314,13 @@ def _rss_bytes() -> int:
 def probe_memory(name: str, method: str, args, device: torch.device) -> int:
     """Peak memory of a few training steps, above what the process held before the model existed (bytes)."""
     spec = SPECS[name]
-    inputs, labels = make_batch(spec, args.quick, device)
+    inputs, labels = make_batch(spec, args.quick, device, args.channels_last)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
     else:
         before = _rss_bytes()
-    model, opt = prepare(method, build_model(name, args.quick).to(device), spec)
+    model, opt = prepare(method, place(build_model(name, args.quick), spec, device, args.channels_last), spec)
     step = make_step(method, model, opt, inputs, labels)
     for _ in range(3):
         step()
@@ -341,8 +349,9 @@ def memory_in_subprocess(pool_context, name: str, method: str, args) -> int:
 
 def markdown(results: list[dict], evals: dict, meta: dict) -> str:
     lines = [
-        f"{meta['device']}, {meta['threads']} thread(s), torch {meta['torch']}; median of {meta['repeats']} "
-        f"interleaved rounds; load average {meta['load_before'][0]:.1f} → {meta['load_after'][0]:.1f}",
+        f"{meta['device']}, {meta['threads']} thread(s), torch {meta['torch']}"
+        f"{', channels_last CNNs' if meta['channels_last'] else ''}; median of {meta['repeats']} interleaved rounds; "
+        f"load average {meta['load_before'][0]:.1f} → {meta['load_after'][0]:.1f}; {meta['optimizer']}",
         "",
         "| model (input) | method | trainable params | step (ms) | × full | CPU time × full | peak memory (MB) | × full |",
         "|---|---|---|---|---|---|---|---|",
@@ -371,9 +380,15 @@ def parse_args(argv=None):
     )
     p.add_argument("--quick", action="store_true", help="small models and batches: the whole run takes < 3 min on CPU")
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds per model (the median is reported)")
-    p.add_argument("--steps", type=int, default=0, help="steps per method per round; 0: enough for ~0.5 s (0.1 quick)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=0,
+        help="steps per method per round; 0: enough for ~1 s of full fine-tuning (0.1 s quick)",
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per method before the rounds")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for timing and memory probes")
+    p.add_argument("--channels-last", action="store_true", help="CNNs and their images in channels_last, all methods")
     p.add_argument("--device", default="cpu", help="cpu or cuda (GPU memory via torch.cuda.max_memory_allocated)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--eval", action="store_true", help="also time eval forward passes: autograd on, no_grad, eval_mode")
@@ -407,6 +422,7 @@ def main(argv=None):
         "torch": torch.__version__,
         "python": platform.python_version(),
         "quick": args.quick,
+        "channels_last": args.channels_last,
         "repeats": args.repeats,
         "load_before": os.getloadavg(),
         "optimizer": "AdamW(lr=1e-5, weight_decay=0.01, fused=True) for every method but normonly-plain",
