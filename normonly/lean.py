@@ -12,12 +12,14 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["lean_frozen_convs"]
 
 _CONVS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
+_TRANSPOSED = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 class _FrozenWeightConv(torch.autograd.Function):
@@ -27,23 +29,29 @@ class _FrozenWeightConv(torch.autograd.Function):
     def forward(ctx, input, weight, bias, stride, padding, dilation, groups, conv):
         ctx.save_for_backward(weight)  # a frozen parameter: saving it keeps no extra memory alive
         ctx.params = (stride, padding, dilation, groups)
-        ctx.input_layout = (input.shape, input.stride(), input.dtype, input.device)
-        ctx.bias_sizes = None if bias is None else list(bias.shape)
+        ctx.input_size = input.shape[2:]
         return conv(input, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad_output):
         (weight,) = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.params
-        shape, strides, dtype, device = ctx.input_layout
-        # Same shape, strides and dtype as the real input, so PyTorch picks the same kernel; its values
-        # are never read when the weight gradient is not requested (and CPU pages are never touched).
-        placeholder = torch.empty_strided(shape, strides, dtype=dtype, device=device)
-        mask = [ctx.needs_input_grad[0], False, ctx.needs_input_grad[2]]
-        grad_input, _, grad_bias = torch.ops.aten.convolution_backward(
-            grad_output, placeholder, weight, ctx.bias_sizes, stride, padding, dilation, False,
-            [0] * len(stride), groups, mask,
-        )  # fmt: skip
+        grad_input = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            # The input gradient of a convolution is the transposed convolution of the output gradient: PyTorch
+            # runs the same backward-data kernel for both, and this way needs no input tensor at all.
+            kernel = weight.shape[2:]
+            output_padding = [
+                size - ((out - 1) * s - 2 * p + d * (k - 1) + 1)
+                for size, out, s, p, d, k in zip(
+                    ctx.input_size, grad_output.shape[2:], stride, padding, dilation, kernel
+                )
+            ]
+            grad_input = _TRANSPOSED[len(stride)](
+                grad_output, weight, None, stride, padding, output_padding, groups, dilation
+            )
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_output.sum([0, *range(2, grad_output.dim())])
         return grad_input, None, grad_bias, None, None, None, None, None
 
 
