@@ -18,6 +18,11 @@ from .model import NormOnlyModel, get_normonly_model
 from .peft_compat import from_peft_adapter, to_peft_adapter, to_peft_config
 
 # isort: split
+# performance
+from .lean import lean_frozen_convs
+from .training import eval_mode, trainable_parameters
+
+# isort: split
 # Trainer integration: `normonly.NormOnlyTrainer` imports transformers.Trainer (seconds) on first use only
 from typing import TYPE_CHECKING
 
@@ -53,4 +58,8 @@ __all__ = [
     "from_peft_adapter",
     # Trainer integration
     "NormOnlyTrainer",
+    # performance
+    "trainable_parameters",
+    "eval_mode",
+    "lean_frozen_convs",
 ]

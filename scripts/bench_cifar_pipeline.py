@@ -81,8 +81,14 @@ def main(argv=None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     d = load_cifar10(args.data, progress=False)
     x, y = d["x_train"].to(device), d["y_train"].to(device).long()
-    report = {"device": str(device), "threads": torch.get_num_threads(), "depth": args.depth,
-              "batch_size": args.batch_size, "channels_last": args.channels_last, "runs": []}
+    report = {
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "depth": args.depth,
+        "batch_size": args.batch_size,
+        "channels_last": args.channels_last,
+        "runs": [],
+    }
     for mode in args.modes:
         r = bench(mode, x, y, args, device)
         report["runs"].append(r)
