@@ -23,13 +23,15 @@ AdamW with 6 % linear warm-up then linear decay.
     python recipes/finetune_vision.py --model hf:microsoft/resnet-18 --output runs/hf-r18-norm   # or transformers
 
 Writes DIR/results.json (test accuracy, parameter counts, adapter size, timings and every flag) and
-DIR/adapter_model.safetensors (the trained tensors and BatchNorm statistics only).
+DIR/adapter_model.safetensors (the trained tensors and BatchNorm statistics only). With `--save-every N` it
+checkpoints every N steps to DIR/checkpoint and `--resume` continues from there; a finished run is not repeated.
 """
 
 import argparse
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -82,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (--method lora)")
     p.add_argument("--seed", type=int, default=0, help="random seed (head init, shuffling, augmentation)")
     p.add_argument("--output", required=True, help="folder for results.json and adapter_model.safetensors")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps to OUTPUT/checkpoint (0: never)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint if it exists")
     args = p.parse_args(argv)
 
     args.dataset = args.dataset or default_dataset()
@@ -225,15 +229,15 @@ def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
 
-def preprocess(images: torch.Tensor, size: int, mean, std, augment: bool) -> torch.Tensor:
+def preprocess(images: torch.Tensor, size: int, mean, std, augment: bool, generator=None) -> torch.Tensor:
     """uint8 (N, 3, h, w) -> normalized float (N, 3, size, size); random crop (pad 4) and flip when augmenting."""
     x = images.float().div_(255)
     if augment:
         n, _, h, w = x.shape
         padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
-        dy, dx = torch.randint(0, 9, (2, n)).tolist()
+        dy, dx = torch.randint(0, 9, (2, n), generator=generator).tolist()
         x = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
-        flip = torch.rand(n) < 0.5
+        flip = torch.rand(n, generator=generator) < 0.5
         x[flip] = x[flip].flip(-1)
     if x.shape[-1] != size or x.shape[-2] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
@@ -255,8 +259,11 @@ def evaluate(model, loader, accelerator, size, mean, std) -> float:
 
 
 def training_function(args) -> dict:
-    start = time.time()
     output = Path(args.output)
+    if (output / "results.json").exists() and args.resume:
+        print(f"{output / 'results.json'} exists: this run already finished")
+        return json.loads((output / "results.json").read_text())
+    start = time.time()
     accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     set_seed(args.seed)
 
@@ -277,14 +284,27 @@ def training_function(args) -> dict:
     steps_per_epoch = len(train_loader)
     max_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup * max_steps), max_steps)
+    accelerator.register_for_checkpointing(scheduler)
+
+    step, train_seconds = 0, 0.0
+    checkpoint = output / "checkpoint"
+    if args.resume and checkpoint.exists():
+        accelerator.load_state(str(checkpoint))
+        state = json.loads((checkpoint / "progress.json").read_text())
+        step, train_seconds = state["step"], state["train_seconds"]
+        accelerator.print(f"resumed from {checkpoint} at step {step}")
 
     model.train()
-    step, tick = 0, time.time()
-    bar = tqdm(total=max_steps, disable=not accelerator.is_local_main_process, desc=args.method)
+    bar = tqdm(total=max_steps, initial=step, disable=not accelerator.is_local_main_process, desc=args.method)
+    tick = time.time()
     while step < max_steps:
-        train_loader.set_epoch(step // steps_per_epoch)
-        for images, labels in train_loader:
-            x = preprocess(images, args.image_size, mean, std, augment=True).to(accelerator.device)
+        epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        train_loader.set_epoch(epoch)
+        loader = accelerator.skip_first_batches(train_loader, done_in_epoch) if done_in_epoch else train_loader
+        for images, labels in loader:
+            # augmentation drawn from (seed, process, step) alone, so a resumed run sees the same crops and flips
+            rng = torch.Generator().manual_seed(hash((args.seed, accelerator.process_index, step)))
+            x = preprocess(images, args.image_size, mean, std, augment=True, generator=rng).to(accelerator.device)
             loss = F.cross_entropy(model(x), labels)
             accelerator.backward(loss)
             optimizer.step()
@@ -293,10 +313,12 @@ def training_function(args) -> dict:
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
+            if args.save_every and step % args.save_every == 0 and step < max_steps:
+                save_checkpoint(accelerator, checkpoint, step, train_seconds + time.time() - tick)
             if step >= max_steps:
                 break
     bar.close()
-    train_seconds = time.time() - tick
+    train_seconds += time.time() - tick
 
     accuracy = evaluate(model, eval_loader, accelerator, args.image_size, mean, std)
     results = {"accuracy": accuracy, "trainable_params": trainable, "total_params": total,
@@ -307,13 +329,29 @@ def training_function(args) -> dict:
         output.mkdir(parents=True, exist_ok=True)
         results["adapter_bytes"] = save_adapter(accelerator.unwrap_model(model), output)
         results["seconds"] = time.time() - start
-        tmp = output / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        os.replace(tmp, output / "results.json")
+        write_json(output / "results.json", results)
+        shutil.rmtree(checkpoint, ignore_errors=True)
         print(json.dumps({k: results[k] for k in ("method", "accuracy", "trainable_params", "adapter_bytes",
                                                   "seconds_per_epoch")}))
     accelerator.wait_for_everyone()
     return results
+
+
+def save_checkpoint(accelerator, checkpoint: Path, step: int, train_seconds: float) -> None:
+    """Model, optimizer, scheduler and RNG state, written beside the old checkpoint and swapped in."""
+    tmp = checkpoint.with_name("checkpoint.tmp")
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        write_json(tmp / "progress.json", {"step": step, "train_seconds": train_seconds})
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        os.replace(tmp, checkpoint)
+    accelerator.wait_for_everyone()
+
+
+def write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def main(argv=None) -> dict:

@@ -156,6 +156,34 @@ def test_missing_columns_and_splits_are_named(mini_cifar, tmp_path):
     assert not (tmp_path / "results.json").exists()
 
 
+def test_an_interrupted_run_resumes_from_its_checkpoint(mini_cifar, tmp_path, monkeypatch):
+    common = ("--method", "norm", "--max-steps", "4", "--save-every", "2")
+    straight = recipe.main(tiny_args(mini_cifar, tmp_path / "straight", *common))
+
+    args = tiny_args(mini_cifar, tmp_path / "cut", *common)
+    save_checkpoint = recipe.save_checkpoint
+
+    def save_then_die(*a, **k):
+        save_checkpoint(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipe, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        recipe.main(args)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "cut" / "checkpoint" / "progress.json").read_text())["step"] == 2
+    assert not (tmp_path / "cut" / "results.json").exists()
+
+    resumed = recipe.main(args + ["--resume"])
+    assert not (tmp_path / "cut" / "checkpoint").exists()
+    a = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "cut" / "adapter_model.safetensors")
+    for name in a:  # augmentation is a function of the step and the tiny model has no dropout: same result
+        torch.testing.assert_close(a[name], b[name])
+    assert resumed["accuracy"] == straight["accuracy"]
+    assert recipe.main(args + ["--resume"]) == resumed  # a finished run is not repeated
+
+
 @pytest.mark.slow
 def test_runs_under_accelerate_launch_with_two_cpu_processes(mini_cifar, tmp_path):
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
