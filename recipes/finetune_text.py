@@ -48,7 +48,7 @@ import normonly
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("norm", "head", "bitfit", "lora", "full")
-DEFAULT_LR = {"norm": 3e-3, "head": 3e-3, "bitfit": 1e-3, "lora": 1e-3, "full": 3e-5}
+DEFAULT_LR = {"norm": 3e-3, "head": 3e-3, "bitfit": 1e-3, "lora": 3e-3, "full": 3e-5}
 
 
 def default_model() -> str | None:
