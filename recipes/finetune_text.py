@@ -38,13 +38,13 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from datasets import load_dataset
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, DataCollatorWithPadding, get_linear_schedule_with_warmup
 
 import normonly
+from normonly.checkpoint import load_checkpoint, optimizer_groups, save_checkpoint, save_trainable, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("norm", "head", "bitfit", "lora", "full")
@@ -189,26 +189,6 @@ def build_model(args, num_labels: int) -> SentenceClassifier:
     return model
 
 
-def save_adapter(model: nn.Module, output_dir: Path) -> int:
-    """Write the trainable tensors to OUTPUT/adapter_model.safetensors atomically; return the file size in bytes.
-
-    Stands in for `NormOnlyModel.save_pretrained` until the adapter API lands.
-    """
-    tensors = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
-    path = output_dir / "adapter_model.safetensors"
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
-    return path.stat().st_size
-
-
-def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on trainable matrices only, never on γ/β or biases."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-
-
 @torch.no_grad()
 def evaluate(model, loader, accelerator) -> float:
     model.eval()
@@ -253,9 +233,8 @@ def training_function(args) -> dict:
 
     step, train_seconds = 0, 0.0
     checkpoint = output / "checkpoint"
-    if args.resume and checkpoint.exists():
-        accelerator.load_state(str(checkpoint))
-        state = json.loads((checkpoint / "progress.json").read_text())
+    state = load_checkpoint(accelerator, checkpoint) if args.resume else None
+    if state is not None:
         step, train_seconds = state["step"], state["train_seconds"]
         accelerator.print(f"resumed from {checkpoint} at step {step}")
 
@@ -277,7 +256,7 @@ def training_function(args) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if args.save_every and step % args.save_every == 0 and step < max_steps:
-                save_checkpoint(accelerator, checkpoint, step, train_seconds + time.time() - tick)
+                save_checkpoint(accelerator, checkpoint, {"step": step, "train_seconds": train_seconds + time.time() - tick})
             if step >= max_steps:
                 break
     bar.close()
@@ -290,7 +269,7 @@ def training_function(args) -> dict:
                "num_processes": accelerator.num_processes, "torch_threads": torch.get_num_threads(), **vars(args)}
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
-        results["adapter_bytes"] = save_adapter(accelerator.unwrap_model(model), output)
+        results["adapter_bytes"] = save_trainable(accelerator.unwrap_model(model), output / "adapter_model.safetensors")
         results["seconds"] = time.time() - start
         write_json(output / "results.json", results)
         shutil.rmtree(checkpoint, ignore_errors=True)
@@ -298,23 +277,6 @@ def training_function(args) -> dict:
                                                   "seconds_per_epoch")}))
     accelerator.wait_for_everyone()
     return results
-
-
-def save_checkpoint(accelerator, checkpoint: Path, step: int, train_seconds: float) -> None:
-    """Model, optimizer, scheduler and RNG state, written beside the old checkpoint and swapped in."""
-    tmp = checkpoint.with_name("checkpoint.tmp")
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        write_json(tmp / "progress.json", {"step": step, "train_seconds": train_seconds})
-        shutil.rmtree(checkpoint, ignore_errors=True)
-        os.replace(tmp, checkpoint)
-    accelerator.wait_for_everyone()
-
-
-def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> dict:

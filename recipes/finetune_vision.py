@@ -40,7 +40,6 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from datasets import load_dataset
-from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -48,6 +47,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 import normonly
+from normonly.checkpoint import load_checkpoint, optimizer_groups, save_checkpoint, save_trainable, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("norm", "head", "bitfit", "lora", "full")
@@ -205,30 +205,6 @@ def plain_pointwise_convs(model: nn.Module) -> None:
                     model.set_submodule(name, plain)
 
 
-def save_adapter(model: nn.Module, output_dir: Path) -> int:
-    """Write the trainable tensors and BatchNorm statistics to OUTPUT/adapter_model.safetensors atomically.
-
-    Returns the file size in bytes. Stands in for `NormOnlyModel.save_pretrained` until the adapter API lands.
-    """
-    tensors = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            tensors.update({f"{name}.{b}": t for b, t in module.named_buffers(recurse=False) if t is not None})
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    path = output_dir / "adapter_model.safetensors"
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
-    return path.stat().st_size
-
-
-def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on trainable matrices and kernels only, never on γ/β or biases."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-
-
 def preprocess(images: torch.Tensor, size: int, mean, std, augment: bool, generator=None) -> torch.Tensor:
     """uint8 (N, 3, h, w) -> normalized float (N, 3, size, size); random crop (pad 4) and flip when augmenting."""
     x = images.float().div_(255)
@@ -288,9 +264,8 @@ def training_function(args) -> dict:
 
     step, train_seconds = 0, 0.0
     checkpoint = output / "checkpoint"
-    if args.resume and checkpoint.exists():
-        accelerator.load_state(str(checkpoint))
-        state = json.loads((checkpoint / "progress.json").read_text())
+    state = load_checkpoint(accelerator, checkpoint) if args.resume else None
+    if state is not None:
         step, train_seconds = state["step"], state["train_seconds"]
         accelerator.print(f"resumed from {checkpoint} at step {step}")
 
@@ -314,7 +289,7 @@ def training_function(args) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if args.save_every and step % args.save_every == 0 and step < max_steps:
-                save_checkpoint(accelerator, checkpoint, step, train_seconds + time.time() - tick)
+                save_checkpoint(accelerator, checkpoint, {"step": step, "train_seconds": train_seconds + time.time() - tick})
             if step >= max_steps:
                 break
     bar.close()
@@ -327,7 +302,7 @@ def training_function(args) -> dict:
                "num_processes": accelerator.num_processes, "torch_threads": torch.get_num_threads(), **vars(args)}
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
-        results["adapter_bytes"] = save_adapter(accelerator.unwrap_model(model), output)
+        results["adapter_bytes"] = save_trainable(accelerator.unwrap_model(model), output / "adapter_model.safetensors", batchnorm_stats=True)
         results["seconds"] = time.time() - start
         write_json(output / "results.json", results)
         shutil.rmtree(checkpoint, ignore_errors=True)
@@ -335,23 +310,6 @@ def training_function(args) -> dict:
                                                   "seconds_per_epoch")}))
     accelerator.wait_for_everyone()
     return results
-
-
-def save_checkpoint(accelerator, checkpoint: Path, step: int, train_seconds: float) -> None:
-    """Model, optimizer, scheduler and RNG state, written beside the old checkpoint and swapped in."""
-    tmp = checkpoint.with_name("checkpoint.tmp")
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        write_json(tmp / "progress.json", {"step": step, "train_seconds": train_seconds})
-        shutil.rmtree(checkpoint, ignore_errors=True)
-        os.replace(tmp, checkpoint)
-    accelerator.wait_for_everyone()
-
-
-def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> dict:
