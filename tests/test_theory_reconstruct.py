@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -62,6 +64,31 @@ def test_frozen_weights_are_the_seeds_random_network_so_copying_the_target_would
     assert frozen and all(torch.equal(p, fresh.get_parameter(n)) for n, p in frozen)
     target_weights = [m.weight.detach().double() for m in target if isinstance(m, nn.Linear)]
     assert not any(p.shape == w.shape and torch.allclose(p, w) for _, p in frozen for w in target_weights)
+
+
+def _frozen_weights_ignore_the_target(build) -> bool:
+    """The test the issue asks for: with one seed, two targets must give bit-identical frozen weights."""
+    a, b = build(mlp([4, 4], seed=0).double(), seed=7), build(mlp([4, 4], seed=1).double(), seed=7)
+    frozen_a = [p for p in a.parameters() if not p.requires_grad]
+    frozen_b = [p for p in b.parameters() if not p.requires_grad]
+    return bool(frozen_a) and all(torch.equal(p, q) for p, q in zip(frozen_a, frozen_b))
+
+
+def cheat(target, seed):
+    """Exact too, but by copying the target's weights into the frozen layer: what the check must catch."""
+    lin = copy.deepcopy(target[0]).requires_grad_(False)
+    bn = nn.BatchNorm1d(lin.out_features).double().eval()
+    with torch.no_grad():
+        bn.weight.fill_((1 + bn.eps) ** 0.5)  # undo the eps of the unit running variance: the identity
+    return nn.Sequential(lin, bn)
+
+
+def test_the_target_independence_check_passes_reconstruct_and_catches_a_cheating_construction():
+    target = mlp([4, 4]).double()
+    assert error(cheat(target, 0), target) < 1e-12  # the cheat is exact, so only the independence check can see it
+    assert not _frozen_weights_ignore_the_target(cheat)
+    for method in ("wide", "sparse", "lowrank"):
+        assert _frozen_weights_ignore_the_target(lambda t, seed, m=method: theory.reconstruct(t, method=m, seed=seed))
 
 
 def test_trainable_parameters_are_exactly_the_batchnorm_gamma_beta():

@@ -4,6 +4,7 @@ Papailiopoulos, "The Expressive Power of Tuning Only the Normalization Layers" (
 >>> from normonly import theory
 >>> net = theory.reconstruct(target, method="wide", input_bound=1.0, seed=0)   # also skip, sparse, lowrank
 >>> theory.fit(random_net, target).residual                                    # the "theory" init
+>>> theory.fit(get_normonly_model(random_net, NormOnlyConfig()), target)       # an adapter starting there
 """
 
 from .draws import default_sparsity
@@ -12,12 +13,14 @@ from .khatri_rao_system import khatri_rao, pair_condition, pair_system, solve_pa
 from .network import METHODS, random_network
 from .reconstruct import reconstruct
 from .skip import SkipLayer
+from .theory_init import THEORY_INIT_HELP
 from .verify import box_inputs, max_relative_error
 
 __all__ = [
     "METHODS",
     "FitResult",
     "SkipLayer",
+    "THEORY_INIT_HELP",
     "box_inputs",
     "default_sparsity",
     "fit",

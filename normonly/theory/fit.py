@@ -57,13 +57,16 @@ def fit(
     ‖x‖∞ ≤ ``input_bound`` (in eval mode, where BatchNorm uses its running statistics); narrower
     pairs get the least-squares γ and a non-zero residual. β values come from interval bounds on
     each layer's input box (``bounds="norm"`` uses one ‖·‖∞ bound per layer instead, looser),
-    enlarged by ``margin``. Nothing is changed when it raises.
+    enlarged by ``margin``. Nothing is changed when it raises. ``net`` may be a ``NormOnlyModel``: the
+    γ/β of its active adapter are set (the "theory" init of an adapter).
 
     >>> result = theory.fit(net, target)
     >>> result.residual, result.exact
     """
     if not isinstance(net, nn.Module):
         raise TypeError(f"net must be an nn.Module, got {type(net).__name__}")
+    if callable(getattr(net, "get_base_model", None)):  # a NormOnlyModel: its active adapter's γ/β live in the base
+        net = net.get_base_model()
     if bounds not in ("interval", "norm"):
         raise ValueError(f"bounds must be 'interval' or 'norm', got {bounds!r}")
     if not (isinstance(margin, (int, float)) and margin >= 0):
