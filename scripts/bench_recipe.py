@@ -12,7 +12,9 @@ momentum 0.9, weight decay 1e-4 on the trainable γ/β), batch 128, pad-4 crop +
     recipe-bf16, recipe-compile (optional): the same with bf16 autocast / torch.compile
 
 Time: warm-up steps, then --repeats rounds; in each round every loop runs one untimed step and --steps timed steps,
-in a shuffled order. The table gives the median images/s over rounds and the ratio to the plain loop.
+in a shuffled order. The table gives the median images/s over rounds and the ratio to the plain loop, and (no
+DataLoader workers, CPU) the median over rounds of the plain loop's CPU time divided by this loop's in the same round,
+which a shared, loaded machine disturbs less than wall-clock time.
 --accuracy-steps N then trains a fresh model with each loop for N steps and reports test accuracy (same seed
 for model init; the augmentation draws differ), to show the loops learn alike.
 
@@ -141,14 +143,15 @@ def make_loop(variant: str, data: dict, depth: int, args, device):
     return recipe_loop(data, depth, variant, args, device)
 
 
-def timed(fn: Callable[[], None], device: torch.device) -> float:
+def timed(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
+    """(wall-clock, this process's CPU) seconds of ``fn()``; on a shared machine CPU time leaves out waiting."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def bench_depth(depth: int, data: dict, args, device: torch.device) -> dict[str, dict]:
@@ -156,17 +159,24 @@ def bench_depth(depth: int, data: dict, args, device: torch.device) -> dict[str,
     for _ in range(args.warmup):
         for step in loops.values():
             step()
-    rounds = {v: [] for v in loops}
+    rounds, cpu_rounds = {v: [] for v in loops}, {v: [] for v in loops}
     shuffle = random.Random(0)
     for r in range(args.repeats):
         for variant in shuffle.sample(list(loops), len(loops)):
             loops[variant]()  # untimed: the previous loop left its own tensors in the caches
-            seconds = timed(lambda v=variant: [loops[v]() for _ in range(args.steps)], device)
+            seconds, cpu = timed(lambda v=variant: [loops[v]() for _ in range(args.steps)], device)
             rounds[variant].append(args.steps * args.batch_size / seconds)
+            cpu_rounds[variant].append(cpu)
         print(f"  ResNet-{depth}: round {r + 1}/{args.repeats}", file=sys.stderr, flush=True)
-    return {
-        v: {"images_per_second": statistics.median(ips), "round_images_per_second": ips} for v, ips in rounds.items()
-    }
+    out = {}
+    for v, ips in rounds.items():
+        out[v] = {"images_per_second": statistics.median(ips), "round_images_per_second": ips}
+        # CPU time per round relative to the plain loop in the same round (median over rounds); only meaningful
+        # when every loop runs in this process: no DataLoader workers, CPU device
+        paired = [p / c for p, c in zip(cpu_rounds["plain"], cpu_rounds[v])]
+        in_process = args.workers == 0 and device.type == "cpu"
+        out[v]["cpu_ratio_to_plain"] = statistics.median(paired) if in_process else None
+    return out
 
 
 def test_accuracy(model: nn.Module, data: dict, variant: str, device: torch.device) -> float:
@@ -257,14 +267,15 @@ def main(argv=None) -> dict:
         f"median of {args.repeats} interleaved rounds of {args.steps} steps; load average "
         f"{meta['load_before'][0]:.1f} → {meta['load_after'][0]:.1f}",
         "",
-        "| model (norm-only) | loop | images/s | × plain |" + (" test acc. |" if args.accuracy_steps else ""),
-        "|---|---|---|---|" + ("---|" if args.accuracy_steps else ""),
+        "| model (norm-only) | loop | images/s | × plain | CPU time: plain ÷ loop |" + (" test acc. |" if args.accuracy_steps else ""),
+        "|---|---|---|---|---|" + ("---|" if args.accuracy_steps else ""),
     ]
     for model, rows in results.items():
         for variant, row in rows.items():
             acc = f" {row['test_accuracy']:.4f} |" if args.accuracy_steps else ""
+            cpu = "–" if row["cpu_ratio_to_plain"] is None else f"{row['cpu_ratio_to_plain']:.2f}"
             lines.append(
-                f"| {model} | {variant} | {row['images_per_second']:,.0f} | {row['ratio_to_plain']:.2f} |{acc}"
+                f"| {model} | {variant} | {row['images_per_second']:,.0f} | {row['ratio_to_plain']:.2f} | {cpu} |{acc}"
             )
     table = "\n".join(lines)
     print(table)

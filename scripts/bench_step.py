@@ -11,13 +11,14 @@ Methods, each on a fresh copy of the same model, all with the same fused AdamW:
     lora            peft LoRA r=8 (attention query/value; every ungrouped Conv2d of a CNN)
     normonly-plain  (ablation) normonly's freezing, but AdamW(model.parameters()) with torch's default implementation
     normonly-lean   (ablation) normonly with the forward pass inside normonly.lean_frozen_convs()
+    normonly-again  (control) a second, independent normonly copy: how far two identical setups differ (the noise)
 
 Time: per model, every method runs warm-up steps, then --repeats rounds; in each round the methods take turns in a
 shuffled order, each running one untimed step (the previous method left its own tensors in the caches) and then a
 few timed steps (forward + backward + optimizer step), so load on the machine hits all methods alike.
 The table shows the median wall-clock step time over rounds and the median over rounds of its ratio to full
-fine-tuning in the same round, and that ratio for this process's CPU time (time.process_time), which leaves out
-time spent waiting for a shared CPU. Memory: each (model, method) runs again
+fine-tuning in the same round with the interquartile range of those per-round ratios (the noise), and that ratio
+for this process's CPU time (time.process_time), which leaves out time spent waiting for a shared CPU. Memory: each (model, method) runs again
 in a fresh process (forked from a server that has imported the libraries and built nothing); on the CPU its peak
 resident set size (ru_maxrss) minus its resident size just before the model is built, so weights, gradients,
 optimizer state and activations all count and the interpreter and libraries do not; on a GPU
@@ -56,7 +57,7 @@ from torch import nn
 
 import normonly
 
-METHODS = ["full", "normonly", "peft-ln", "bitfit", "lora", "normonly-plain", "normonly-lean"]
+METHODS = ["full", "normonly", "peft-ln", "bitfit", "lora", "normonly-plain", "normonly-lean", "normonly-again"]
 DEFAULT_METHODS = METHODS[:5]
 DEFAULT_MODELS = ["resnet18", "resnet50", "cifar-resnet14", "cifar-resnet56", "bert-base", "vit-base"]
 
@@ -159,7 +160,7 @@ def prepare(method: str, model: nn.Module, spec: Spec) -> tuple[nn.Module, torch
     fused = {"fused": True}
     if method == "full":
         params = list(model.parameters())
-    elif method in ("normonly", "normonly-lean"):
+    elif method in ("normonly", "normonly-lean", "normonly-again"):
         params = normonly.trainable_parameters(normonly.freeze_all_but_norm(model))
     elif method == "normonly-plain":
         normonly.freeze_all_but_norm(model)
@@ -347,21 +348,32 @@ def memory_in_subprocess(pool_context, name: str, method: str, args) -> int:
         return pool.apply(_probe_child, (name, method, args))
 
 
+def _quartiles(values: list[float]) -> list[float]:
+    """First and third quartile (both the value itself when there is only one)."""
+    if len(values) < 2:
+        return [values[0], values[0]]
+    q = statistics.quantiles(values, n=4)
+    return [q[0], q[2]]
+
+
 def markdown(results: list[dict], evals: dict, meta: dict) -> str:
     lines = [
         f"{meta['device']}, {meta['threads']} thread(s), torch {meta['torch']}"
         f"{', channels_last CNNs' if meta['channels_last'] else ''}; median of {meta['repeats']} interleaved rounds; "
         f"load average {meta['load_before'][0]:.1f} → {meta['load_after'][0]:.1f}; {meta['optimizer']}",
         "",
-        "| model (input) | method | trainable params | step (ms) | × full | CPU time × full | peak memory (MB) | × full |",
+        "| model (input) | method | trainable params | step (ms) | × full (IQR over rounds) | CPU time × full "
+        "| peak memory (MB) | × full |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         mem = "–" if r.get("peak_bytes") is None else f"{r['peak_bytes'] / 2**20:,.0f}"
         mem_ratio = "–" if r.get("peak_ratio") is None else f"{r['peak_ratio']:.2f}"
+        lo, hi = r.get("time_ratio_quartiles") or (r["time_ratio"], r["time_ratio"])
         lines.append(
             f"| {r['model']} ({r['input']}) | {r['method']} | {r['trainable_params']:,} | "
-            f"{1000 * r['step_seconds']:,.1f} | {r['time_ratio']:.3f} | {r['cpu_time_ratio']:.3f} | {mem} | {mem_ratio} |"
+            f"{1000 * r['step_seconds']:,.1f} | {r['time_ratio']:.3f} ({lo:.2f}–{hi:.2f}) | "
+            f"{r['cpu_time_ratio']:.3f} | {mem} | {mem_ratio} |"
         )
     if evals:
         keys = list(next(iter(evals.values())))
@@ -441,6 +453,7 @@ def main(argv=None):
             cpu_paired = [a / b for a, b in zip(t["cpu_round_seconds"], full["cpu_round_seconds"])]
             row = {"model": name, "input": spec.describe(args.quick), "method": method, **t}
             row["time_ratio"] = statistics.median(paired)
+            row["time_ratio_quartiles"] = _quartiles(paired)
             row["cpu_time_ratio"] = statistics.median(cpu_paired)
             row["ratio_of_medians"] = t["step_seconds"] / full["step_seconds"]
             if not args.no_memory:

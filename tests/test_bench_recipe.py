@@ -50,5 +50,7 @@ def test_recipe_loop_is_faster_than_plain_loop_on_cifar_mini(shared_data, tmp_pa
     rows = report["results"]["resnet14"]
     assert set(rows) == {"plain", "recipe"}
     assert all(r["images_per_second"] > 0 and 0 <= r["test_accuracy"] <= 1 for r in rows.values())
-    assert rows["recipe"]["ratio_to_plain"] > 1.0, f"recipe loop is {rows['recipe']['ratio_to_plain']:.2f} x plain"
+    # CPU time: tests run beside each other (pytest -n) and wall-clock rounds this short swing with the load
+    speedup = rows["recipe"]["cpu_ratio_to_plain"]
+    assert speedup > 1.0, f"recipe loop needs {1 / speedup:.2f} x the plain loop's CPU time per step"
     assert out.exists() and "| resnet14 | recipe |" in out.with_suffix(".md").read_text()

@@ -32,7 +32,7 @@ def test_methods_train_the_parameter_sets_they_name():
     bench = _bench()
     spec = bench.SPECS["bert-base"]
     names = {}
-    for method in ["full", "normonly", "peft-ln", "bitfit", "lora", "normonly-plain"]:
+    for method in ["full", "normonly", "peft-ln", "bitfit", "lora", "normonly-plain", "normonly-again"]:
         model, opt = bench.prepare(method, bench.build_model("bert-base", quick=True), spec)
         names[method] = _trainable_names(model)
         handed = sum(len(g["params"]) for g in opt.param_groups)
@@ -43,7 +43,7 @@ def test_methods_train_the_parameter_sets_they_name():
     assert {n.replace(".ln_tuning_layers.default", "") for n in names["peft-ln"]} == names["normonly"]
     assert names["bitfit"] and all(n.endswith(".bias") for n in names["bitfit"])
     assert names["lora"] and all("lora_" in n for n in names["lora"])
-    assert names["normonly-plain"] == names["normonly"]
+    assert names["normonly-plain"] == names["normonly"] == names["normonly-again"]
     assert len(names["full"]) == len(list(reference.parameters()))
 
 
@@ -56,6 +56,18 @@ def test_make_step_changes_only_trainable_parameters():
     bench.make_step("normonly", model, opt, inputs, labels)()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= set(normonly.norm_parameter_names(model))
+
+
+def test_table_shows_the_spread_of_per_round_ratios():
+    bench = _bench()
+    lo, hi = bench._quartiles([0.9, 0.6, 0.7, 0.5, 0.8])
+    assert 0.5 < lo < 0.7 < hi < 0.9
+    assert bench._quartiles([0.62]) == [0.62, 0.62]
+    row = {"model": "m", "input": "i", "method": "normonly", "trainable_params": 10, "step_seconds": 0.3,
+           "time_ratio": 0.7, "time_ratio_quartiles": [lo, hi], "cpu_time_ratio": 0.69}  # fmt: skip
+    meta = {"device": "cpu", "threads": 1, "torch": "x", "channels_last": False, "repeats": 5,
+            "load_before": [1.0], "load_after": [1.0], "optimizer": "AdamW"}  # fmt: skip
+    assert f"| 0.700 ({lo:.2f}–{hi:.2f}) |" in bench.markdown([row], {}, meta)
 
 
 def test_help_explains_flags_and_bad_names_fail_clearly():
