@@ -269,7 +269,8 @@ def training_function(args) -> dict:
                "num_processes": accelerator.num_processes, "torch_threads": torch.get_num_threads(), **vars(args)}
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
-        results["adapter_bytes"] = save_trainable(accelerator.unwrap_model(model), output / "adapter_model.safetensors")
+        adapter = output / "adapter_model.safetensors"
+        results["adapter_bytes"] = save_trainable(accelerator.unwrap_model(model), adapter)
         results["seconds"] = time.time() - start
         write_json(output / "results.json", results)
         shutil.rmtree(checkpoint, ignore_errors=True)
