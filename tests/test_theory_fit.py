@@ -1,5 +1,6 @@
 import pytest
 import torch
+from theory_helpers import mlp as _mlp
 from torch import nn
 
 from normonly import theory
@@ -7,11 +8,7 @@ from normonly.theory import khatri_rao
 
 
 def mlp(sizes, seed=0):
-    torch.manual_seed(seed)
-    mods = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        mods += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
-    return nn.Sequential(*mods).double()
+    return _mlp(sizes, seed, dtype=torch.float64)
 
 
 def user_net(sizes, widths, seed=0):

@@ -2,20 +2,11 @@ import copy
 
 import pytest
 import torch
+from theory_helpers import mlp
 from torch import nn
 
 import normonly
 from normonly import theory
-
-
-def mlp(sizes, seed=0, last_relu=False, bias=True):
-    torch.manual_seed(seed)
-    mods = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        mods.append(nn.Linear(a, b, bias=bias))
-        if i < len(sizes) - 2 or last_relu:
-            mods.append(nn.ReLU())
-    return nn.Sequential(*mods)
 
 
 def error(net, target, bound=1.0, n=2000):

@@ -2,17 +2,13 @@ import copy
 
 import pytest
 import torch
-from torch import nn
+from theory_helpers import mlp as _mlp
 
 from normonly import NormOnlyConfig, NormOnlyModel, get_normonly_model, theory
 
 
 def mlp(sizes, seed=0):
-    torch.manual_seed(seed)
-    mods = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        mods += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
-    return nn.Sequential(*mods).double()
+    return _mlp(sizes, seed, dtype=torch.float64)
 
 
 def error(net, target):
