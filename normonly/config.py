@@ -60,8 +60,8 @@ class NormOnlyConfig:
         default="keep",
         metadata={
             "help": "Initial γ/β of a new adapter: 'keep' (pretrained values), 'frankle' (γ ~ U[0, 1], β = 0), "
-            "'ones' (identity scale, β = 0), or any name added with normonly.init.register_initializer. Not applied "
-            "when an adapter is loaded."
+            "'ones' (identity scale, β = 0), 'theory' (from a target network passed as init_kwargs={'target': net}), "
+            "or any name added with normonly.init.register_initializer. Not applied when an adapter is loaded."
         },
     )
     base_model_name_or_path: str | None = field(

@@ -9,6 +9,7 @@ the module, not by its class name.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -25,7 +26,8 @@ _PROBE_SHAPES = ((4, -1), (2, 3, -1), (2, -1, 3), (2, -1, 3, 3), (2, 3, 3, -1), 
 
 
 def register_initializer(name: str) -> Callable[[Initializer], Initializer]:
-    """Register ``fn(model, parameter_names)`` under ``name``, usable as ``NormOnlyConfig(init=name)``.
+    """Register ``fn(model, parameter_names, **kwargs)`` under ``name``, usable as ``NormOnlyConfig(init=name)``;
+    ``kwargs`` come from ``get_normonly_model(..., init_kwargs=...)``.
 
     The function changes the named γ/β parameters of ``model`` in place (under ``torch.no_grad``).
     """
@@ -37,15 +39,20 @@ def register_initializer(name: str) -> Callable[[Initializer], Initializer]:
     return decorator
 
 
-def initialize(model: nn.Module, parameter_names: list[str], method: str) -> None:
-    """Apply the initializer ``method`` to ``parameter_names`` of ``model``; on error nothing is changed."""
+def initialize(model: nn.Module, parameter_names: list[str], method: str, **kwargs) -> None:
+    """Apply the initializer ``method`` (with ``kwargs``) to ``parameter_names`` of ``model``; on error nothing
+    is changed."""
     if method not in INITIALIZERS:
         raise ValueError(f"init={method!r} is not a known initializer; choose one of {sorted(INITIALIZERS)}")
+    try:
+        inspect.signature(INITIALIZERS[method]).bind(model, list(parameter_names), **kwargs)
+    except TypeError as e:
+        raise TypeError(f"init={method!r} does not take init_kwargs {sorted(kwargs)}: {e}") from None
     params = dict(model.named_parameters())
     before = {n: params[n].detach().clone() for n in parameter_names}
     try:
         with torch.no_grad():
-            INITIALIZERS[method](model, list(parameter_names))
+            INITIALIZERS[method](model, list(parameter_names), **kwargs)
     except BaseException:
         with torch.no_grad():
             for n, value in before.items():

@@ -58,19 +58,30 @@ class _FreezeRunningStats:
             module.training = True
 
 
-def get_normonly_model(model: nn.Module, config: NormOnlyConfig, adapter_name: str = "default") -> NormOnlyModel:
+def get_normonly_model(
+    model: nn.Module, config: NormOnlyConfig, adapter_name: str = "default", *, init_kwargs: dict | None = None
+) -> NormOnlyModel:
     """Wrap ``model`` with a new trainable adapter (like ``peft.get_peft_model``); everything else is frozen.
+
+    ``init_kwargs`` go to the ``config.init`` initializer, e.g. ``{"target": target_net}`` for ``init="theory"``.
 
     >>> model = normonly.get_normonly_model(torchvision.models.resnet18(), NormOnlyConfig(modules_to_save=["fc"]))
     >>> model.print_trainable_parameters()
     """
-    return NormOnlyModel(model, config, adapter_name)
+    return NormOnlyModel(model, config, adapter_name, init_kwargs=init_kwargs)
 
 
 class NormOnlyModel(nn.Module):
     """A base model plus named norm-only adapters, one active at a time; forwards to the base model."""
 
-    def __init__(self, model: nn.Module, config: NormOnlyConfig | None = None, adapter_name: str = "default"):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: NormOnlyConfig | None = None,
+        adapter_name: str = "default",
+        *,
+        init_kwargs: dict | None = None,
+    ):
         if isinstance(model, NormOnlyModel):
             raise TypeError("model is already a NormOnlyModel: use model.add_adapter(...) or model.load_adapter(...)")
         if not isinstance(model, nn.Module):
@@ -94,7 +105,7 @@ class NormOnlyModel(nn.Module):
         self._base_values = {n: self._live(n).detach().clone() for n in stats}
         self._sources: dict[str | None, list[torch.Tensor]] = {}  # cached copy sources, aligned with _base_values
         if config is not None:
-            self._add(adapter_name, config, selection, values=None, trainable=True)
+            self._add(adapter_name, config, selection, values=None, trainable=True, init_kwargs=init_kwargs)
         self._requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
@@ -180,12 +191,14 @@ class NormOnlyModel(nn.Module):
             self._input_grad_hook = None
 
     # ------------------------------------------------------------------ adapters in memory
-    def add_adapter(self, adapter_name: str, config: NormOnlyConfig) -> None:
-        """Add a new trainable adapter from the base's values and ``config.init``; it is not activated."""
+    def add_adapter(self, adapter_name: str, config: NormOnlyConfig, *, init_kwargs: dict | None = None) -> None:
+        """Add a new trainable adapter from the base's values and ``config.init`` (called with ``init_kwargs``);
+        it is not activated."""
         if not isinstance(config, NormOnlyConfig):
             raise TypeError(f"config must be a NormOnlyConfig, got {type(config).__name__}")
         self._check_new_name(adapter_name)
-        self._add(adapter_name, config, select_adapter_tensors(self.base_model, config), values=None, trainable=True)
+        selection = select_adapter_tensors(self.base_model, config)
+        self._add(adapter_name, config, selection, values=None, trainable=True, init_kwargs=init_kwargs)
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make ``adapter_name`` the active adapter: copy its tensors into the base model, set requires_grad."""
@@ -339,20 +352,20 @@ class NormOnlyModel(nn.Module):
     def _live(self, name: str) -> torch.Tensor:
         return slot_tensor(self._slots[name])
 
-    def _add(self, name, config, selection, values, trainable) -> None:
+    def _add(self, name, config, selection, values, trainable, init_kwargs=None) -> None:
         """Register an adapter; with ``values=None`` it starts from the base's values and ``config.init``."""
         if config.base_model_name_or_path is None:
             config = replace(config, base_model_name_or_path=_name_or_path(self.base_model))
         new = [n for n in selection.tensors if n not in self._base_values]
         snapshot = {n: self._live(n).detach().clone() for n in new}  # untouched so far: the base's values
         if values is None:
-            values = self._initial_values(config, selection, snapshot)
+            values = self._initial_values(config, selection, snapshot, init_kwargs or {})
         self._base_values.update(snapshot)
         self._sources.clear()
         self._adapters[name] = _Adapter(config, selection, values, trainable)
         self.normonly_config[name] = config
 
-    def _initial_values(self, config, selection, snapshot) -> dict[str, torch.Tensor]:
+    def _initial_values(self, config, selection, snapshot, init_kwargs) -> dict[str, torch.Tensor]:
         """Base values with ``config.init`` applied to the γ/β, computed in the live model then put back."""
         layers = set(selection.norm_modules)
         gamma_beta = [n for n in selection.trainable if n.rpartition(".")[0] in layers]
@@ -362,7 +375,7 @@ class NormOnlyModel(nn.Module):
             try:
                 for n in selection.tensors:
                     self._live(n).copy_(base[n])
-                initialize(self.base_model, gamma_beta, config.init)
+                initialize(self.base_model, gamma_beta, config.init, **init_kwargs)
                 return {n: self._live(n).detach().clone() for n in selection.tensors}
             finally:
                 for n in selection.tensors:  # the active adapter (or the base) back in place
