@@ -33,13 +33,13 @@ import platform
 import random
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_timing import timed_both
 from torch import nn
 
 import normonly
@@ -143,17 +143,6 @@ def make_loop(variant: str, data: dict, depth: int, args, device):
     return recipe_loop(data, depth, variant, args, device)
 
 
-def timed(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
-    """(wall-clock, this process's CPU) seconds of ``fn()``; on a shared machine CPU time leaves out waiting."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start, cpu = time.perf_counter(), time.process_time()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start, time.process_time() - cpu
-
-
 def bench_depth(depth: int, data: dict, args, device: torch.device) -> dict[str, dict]:
     loops = {v: make_loop(v, data, depth, args, device)[0] for v in args.variants}
     for _ in range(args.warmup):
@@ -164,7 +153,7 @@ def bench_depth(depth: int, data: dict, args, device: torch.device) -> dict[str,
     for r in range(args.repeats):
         for variant in shuffle.sample(list(loops), len(loops)):
             loops[variant]()  # untimed: the previous loop left its own tensors in the caches
-            seconds, cpu = timed(lambda v=variant: [loops[v]() for _ in range(args.steps)], device)
+            seconds, cpu = timed_both(lambda v=variant: [loops[v]() for _ in range(args.steps)], device)
             rounds[variant].append(args.steps * args.batch_size / seconds)
             cpu_rounds[variant].append(cpu)
         print(f"  ResNet-{depth}: round {r + 1}/{args.repeats}", file=sys.stderr, flush=True)

@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import torchvision
+from bench_timing import timed_both
 from torch import nn
 
 import normonly
@@ -209,16 +210,6 @@ def timed(fn: Callable[[], None], device: torch.device) -> float:
     """Wall-clock seconds of ``fn()``."""
     return timed_both(fn, device)[0]
 
-
-def timed_both(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
-    """(wall-clock, this process's CPU) seconds of ``fn()``; on a shared machine CPU time leaves out waiting."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def bench_time(name: str, methods: list[str], args, device: torch.device) -> dict[str, dict]:
