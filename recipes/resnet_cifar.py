@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 import normonly
 from normonly.baselines import train_random_per_channel
+from normonly.checkpoint import write_json
 from normonly.data import augment, load_cifar10, normalize, resolve_cifar10
 from normonly.models import cifar_resnet
 
@@ -215,7 +216,7 @@ def training_function(args: argparse.Namespace) -> tuple[dict, torch.nn.Module]:
         accelerator.print(f"--resume: no checkpoint in {output}, starting from scratch")
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
-        (output / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_json(output / "config.json", config)
         if start_epoch == 0:
             (output / "metrics.jsonl").write_text("")
     accelerator.init_trackers("resnet_cifar", config={k: str(v) for k, v in config.items()})
@@ -288,9 +289,7 @@ def training_function(args: argparse.Namespace) -> tuple[dict, torch.nn.Module]:
     accelerator.wait_for_everyone()
     accelerator.save_model(model, output)  # model.safetensors: the final parameters and BatchNorm statistics
     if accelerator.is_main_process:
-        tmp = output / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        os.replace(tmp, output / "results.json")
+        write_json(output / "results.json", results)
         print(f"test accuracy {results['accuracy']:.4f}; results in {output / 'results.json'}")
     accelerator.end_training()
     return results, accelerator.unwrap_model(model)
