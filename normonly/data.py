@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .safe_io import write_files
+
 __all__ = [
     "CIFAR10_HUB_NAME",
     "CIFAR10_MEAN",
@@ -123,7 +125,7 @@ def load_cifar10(
     >>> d["x_train"].shape, d["y_test"].shape
     (torch.Size([50000, 32, 32, 3]), torch.Size([10000]))
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     source = resolve_cifar10(data)
     local = _is_local(source)
@@ -138,10 +140,7 @@ def load_cifar10(
             pass
     tensors = _decode(source, local, progress)
     try:
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        save_file(tensors, tmp)
-        os.replace(tmp, path)  # atomic: readers never see a half-written cache
+        write_files(cache, tensor_files={path.name: tensors}, digest=False)  # atomic: never a half-written cache
     except OSError:
         pass  # a read-only cache location only costs the next run a decode
     return tensors
