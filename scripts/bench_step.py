@@ -9,6 +9,7 @@ Methods, each on a fresh copy of the same model, all with the same fused AdamW:
     peft-ln         stock peft LN tuning on the same layers, via normonly.to_peft_config
     bitfit          biases only (requires_grad=False on everything else)
     lora            peft LoRA r=8 (attention query/value; every ungrouped Conv2d of a CNN)
+    normonly-model  normonly's PEFT-style path: get_normonly_model(model, NormOnlyConfig()) + trainable_parameters
     normonly-plain  (ablation) normonly's freezing, but AdamW(model.parameters()) with torch's default implementation
     normonly-lean   (ablation) normonly with the forward pass inside normonly.lean_frozen_convs()
     normonly-again  (control) a second, independent normonly copy: how far two identical setups differ (the noise)
@@ -18,7 +19,12 @@ shuffled order, each running one untimed step (the previous method left its own 
 few timed steps (forward + backward + optimizer step), so load on the machine hits all methods alike.
 The table shows the median wall-clock step time over rounds and the median over rounds of its ratio to full
 fine-tuning in the same round with the interquartile range of those per-round ratios (the noise), and that ratio
-for this process's CPU time (time.process_time), which leaves out time spent waiting for a shared CPU. Memory: each (model, method) runs again
+for this process's CPU time (time.process_time), which leaves out time spent waiting for a shared CPU. A second table
+compares normonly with each other method directly: the median over rounds of normonly's step time divided by that
+method's in the same round, with its IQR, and the A/A control (normonly-again) as the resolution of the machine.
+Work: after the rounds, each method's step runs once more under a dispatch mode that counts its module calls, aten
+ops, flops and tensor bytes (scripts/step_work.py): exact counts, the same on every run, which settle
+what timing cannot between methods that run nearly the same kernels. Memory: each (model, method) runs again
 in a fresh process (forked from a server that has imported the libraries and built nothing); on the CPU its peak
 resident set size (ru_maxrss) minus its resident size just before the model is built, so weights, gradients,
 optimizer state and activations all count and the interpreter and libraries do not; on a GPU
@@ -54,12 +60,13 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from bench_timing import timed_both
+from step_work import step_work
 from torch import nn
 
 import normonly
 
-METHODS = ["full", "normonly", "peft-ln", "bitfit", "lora", "normonly-plain", "normonly-lean", "normonly-again"]
-DEFAULT_METHODS = METHODS[:5]
+DEFAULT_METHODS = ["full", "normonly", "peft-ln", "bitfit", "lora"]
+METHODS = DEFAULT_METHODS + ["normonly-model", "normonly-plain", "normonly-lean", "normonly-again"]
 DEFAULT_MODELS = ["resnet18", "resnet50", "cifar-resnet14", "cifar-resnet56", "bert-base", "vit-base"]
 
 
@@ -163,6 +170,9 @@ def prepare(method: str, model: nn.Module, spec: Spec) -> tuple[nn.Module, torch
         params = list(model.parameters())
     elif method in ("normonly", "normonly-lean", "normonly-again"):
         params = normonly.trainable_parameters(normonly.freeze_all_but_norm(model))
+    elif method == "normonly-model":
+        model = normonly.get_normonly_model(model, normonly.NormOnlyConfig())
+        params = normonly.trainable_parameters(model)
     elif method == "normonly-plain":
         normonly.freeze_all_but_norm(model)
         params, fused = list(model.parameters()), {}  # what a first loop looks like: every parameter, default AdamW
@@ -238,6 +248,8 @@ def bench_time(name: str, methods: list[str], args, device: torch.device) -> dic
             run["rounds"].append(statistics.mean(wall))
             run["cpu_rounds"].append(statistics.mean(cpu))
         print(f"  {name}: round {i + 1}/{args.repeats}", file=sys.stderr, flush=True)
+    for run in runs.values():
+        run["work"] = step_work(run["step"])
     out = {}
     for method, run in runs.items():
         out[method] = {
@@ -248,6 +260,7 @@ def bench_time(name: str, methods: list[str], args, device: torch.device) -> dic
             "step_seconds": statistics.median(run["rounds"]),
             "cpu_round_seconds": run["cpu_rounds"],
             "cpu_step_seconds": statistics.median(run["cpu_rounds"]),
+            "work": run["work"],
         }
     return out
 
@@ -347,6 +360,13 @@ def _quartiles(values: list[float]) -> list[float]:
     return [q[0], q[2]]
 
 
+def normonly_over(norm: dict, other: dict) -> dict:
+    """normonly's step time and work divided by another method's: per-round time ratios (median, IQR), exact work."""
+    paired = [a / b for a, b in zip(norm["round_seconds"], other["round_seconds"])]
+    work = {k: v / other["work"][k] for k, v in norm["work"].items()}
+    return {"time": statistics.median(paired), "time_quartiles": _quartiles(paired), **work}
+
+
 def markdown(results: list[dict], evals: dict, meta: dict) -> str:
     lines = [
         f"{meta['device']}, {meta['threads']} thread(s), torch {meta['torch']}"
@@ -366,6 +386,33 @@ def markdown(results: list[dict], evals: dict, meta: dict) -> str:
             f"{1000 * r['step_seconds']:,.1f} | {r['time_ratio']:.3f} ({lo:.2f}–{hi:.2f}) | "
             f"{r['cpu_time_ratio']:.3f} | {mem} | {mem_ratio} |"
         )
+    lines += [
+        "",
+        "| model | method | module calls | aten ops | GFLOP | tensor MB read + written | ops × full | flops × full "
+        "| bytes × full |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        w, x = r["work"], r["work_ratio"]
+        lines.append(
+            f"| {r['model']} | {r['method']} | {w['modules']:,} | {w['ops']:,} | {w['flops'] / 1e9:,.2f} | "
+            f"{w['bytes'] / 2**20:,.1f} | {x['ops']:.3f} | {x['flops']:.3f} | {x['bytes']:.4f} |"
+        )
+    versus = [r for r in results if "normonly_over" in r]
+    if versus:
+        lines += [
+            "",
+            "| model | normonly ÷ method | step time, median of per-round ratios (IQR) | module calls | aten ops "
+            "| flops | bytes |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in versus:
+            v = r["normonly_over"]
+            lo, hi = v["time_quartiles"]
+            lines.append(
+                f"| {r['model']} | {r['method']} | {v['time']:.3f} ({lo:.3f}–{hi:.3f}) | {v['modules']:.3f} | "
+                f"{v['ops']:.3f} | {v['flops']:.3f} | {v['bytes']:.5f} |"
+            )
     if evals:
         keys = list(next(iter(evals.values())))
         lines += ["", "| model (norm-only, eval forward) | " + " | ".join(f"{k} (ms)" for k in keys) + " |"]
@@ -447,6 +494,9 @@ def main(argv=None):
             row["time_ratio_quartiles"] = _quartiles(paired)
             row["cpu_time_ratio"] = statistics.median(cpu_paired)
             row["ratio_of_medians"] = t["step_seconds"] / full["step_seconds"]
+            row["work_ratio"] = {k: v / full["work"][k] for k, v in t["work"].items()}
+            if "normonly" in times and method not in ("full", "normonly"):
+                row["normonly_over"] = normonly_over(times["normonly"], t)
             if not args.no_memory:
                 row["peak_bytes"] = memory_in_subprocess(pool_context, name, method, args)
             results.append(row)
