@@ -287,6 +287,8 @@ def training_function(args: argparse.Namespace) -> tuple[dict, torch.nn.Module]:
         "mode": args.train, **config,
     }
     accelerator.wait_for_everyone()
+    # --compile: accelerate wraps torch.compile around everything else; save the model's own names, not _orig_mod.*
+    model = getattr(model, "_orig_mod", model)
     accelerator.save_model(model, output)  # model.safetensors: the final parameters and BatchNorm statistics
     if accelerator.is_main_process:
         write_json(output / "results.json", results)

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from conftest import ROOT
 from safetensors.torch import load_file
 
@@ -33,8 +34,6 @@ def _recipe():
 
 @pytest.fixture
 def recipe(monkeypatch, tmp_path):
-    from accelerate.state import AcceleratorState
-
     monkeypatch.setenv("NORMONLY_CACHE", str(tmp_path / "cache"))
     yield _recipe()
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -151,6 +150,25 @@ def test_killed_run_resumes_to_exactly_the_parameters_of_an_uninterrupted_run(tm
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_compiled_run_trains_like_the_eager_one_and_saves_the_same_names(recipe, tmp_path, mini):
+    argv = [*TINY, "--max-steps", "10", "--data", mini]
+    eager = recipe.main([*argv, "--output", str(tmp_path / "eager")])
+    AcceleratorState._reset_state(reset_partial_state=True)  # else the second Accelerator keeps the first's settings
+    torch._dynamo.utils.counters.clear()
+    compiled = recipe.main([*argv, "--compile", "--output", str(tmp_path / "compiled")])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it really ran through torch.compile
+    a, b = load_file(tmp_path / "eager" / "model.safetensors"), load_file(tmp_path / "compiled" / "model.safetensors")
+    assert a.keys() == b.keys()  # loadable into a plain cifar_resnet(8), like the eager run's file
+    torch.manual_seed(0)
+    init = recipe.cifar_resnet(8).state_dict()
+    gamma_beta = normonly.norm_parameter_names(recipe.cifar_resnet(8))
+    trained = max((a[k] - init[k]).abs().max() for k in gamma_beta)
+    apart = max((a[k] - b[k]).abs().max() for k in gamma_beta)  # inductor's kernels round differently
+    assert apart < 1e-3 and apart < trained / 10, (apart, trained)
+    assert compiled["accuracy"] == pytest.approx(eager["accuracy"], abs=0.01)
 
 
 @pytest.mark.slow
