@@ -25,12 +25,13 @@ def _bench():
     return module
 
 
+def _bare(name: str) -> str:
+    """A parameter's name in the base model, without peft's or NormOnlyModel's prefix."""
+    return name.removeprefix("base_model.model.").removeprefix("base_model.")
+
+
 def _trainable_names(model):
-    return {
-        n.removeprefix("base_model.model.").removeprefix("base_model.")
-        for n, p in model.named_parameters()
-        if p.requires_grad
-    }
+    return {_bare(n) for n, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.filterwarnings("ignore:Unsupported layer type")
@@ -80,9 +81,7 @@ def _work_per_method(name: str, methods: list[str]) -> tuple[dict, dict]:
         step = bench.make_step(method, model, opt, inputs, labels)
         step()  # optimizer state exists from here on
         work[method] = step_work(step)
-        trained[method] = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
-        trained[method] = {n.removeprefix("base_model.model.").removeprefix("base_model."): k
-                           for n, k in trained[method].items()}  # fmt: skip
+        trained[method] = {_bare(n): p.numel() for n, p in model.named_parameters() if p.requires_grad}
     return work, trained
 
 
