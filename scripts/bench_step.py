@@ -360,10 +360,19 @@ def _quartiles(values: list[float]) -> list[float]:
     return [q[0], q[2]]
 
 
+def _paired(num: list[float], den: list[float]) -> list[float]:
+    """Per-round ratios: load that comes and goes between rounds cancels out."""
+    return [a / b for a, b in zip(num, den)]
+
+
+def _work_ratio(num: dict, den: dict) -> dict:
+    return {k: v / den[k] for k, v in num.items()}
+
+
 def normonly_over(norm: dict, other: dict) -> dict:
     """normonly's step time and work divided by another method's: per-round time ratios (median, IQR), exact work."""
-    paired = [a / b for a, b in zip(norm["round_seconds"], other["round_seconds"])]
-    work = {k: v / other["work"][k] for k, v in norm["work"].items()}
+    paired = _paired(norm["round_seconds"], other["round_seconds"])
+    work = _work_ratio(norm["work"], other["work"])
     return {"time": statistics.median(paired), "time_quartiles": _quartiles(paired), **work}
 
 
@@ -388,7 +397,7 @@ def markdown(results: list[dict], evals: dict, meta: dict) -> str:
         )
     lines += [
         "",
-        "| model | method | module calls | aten ops | GFLOP | tensor MB read + written | ops × full | flops × full "
+        "| model | method | module calls | aten ops | GFLOP | tensor MB taken + returned | ops × full | flops × full "
         "| bytes × full |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -485,16 +494,15 @@ def main(argv=None):
         full = times["full"]
         for method in args.methods:
             t = times[method]
-            # ratio to full fine-tuning in the same round, then the median over rounds: load that comes and
-            # goes between rounds cancels out
-            paired = [a / b for a, b in zip(t["round_seconds"], full["round_seconds"])]
-            cpu_paired = [a / b for a, b in zip(t["cpu_round_seconds"], full["cpu_round_seconds"])]
+            # ratio to full fine-tuning in the same round, then the median over rounds
+            paired = _paired(t["round_seconds"], full["round_seconds"])
+            cpu_paired = _paired(t["cpu_round_seconds"], full["cpu_round_seconds"])
             row = {"model": name, "input": spec.describe(args.quick), "method": method, **t}
             row["time_ratio"] = statistics.median(paired)
             row["time_ratio_quartiles"] = _quartiles(paired)
             row["cpu_time_ratio"] = statistics.median(cpu_paired)
             row["ratio_of_medians"] = t["step_seconds"] / full["step_seconds"]
-            row["work_ratio"] = {k: v / full["work"][k] for k, v in t["work"].items()}
+            row["work_ratio"] = _work_ratio(t["work"], full["work"])
             if "normonly" in times and method not in ("full", "normonly"):
                 row["normonly_over"] = normonly_over(times["normonly"], t)
             if not args.no_memory:
