@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable
 
 from torch import nn
@@ -16,22 +17,57 @@ __all__ = [
     "print_trainable_parameters",
     "thaw_frozen_batchnorm",
     "match_names",
+    "PatternError",
 ]
+
+MATCH_BUDGET_SECONDS = 2.0  # for one regex over all of a model's names; real patterns take microseconds
+
+
+class PatternError(ValueError):
+    """A name pattern that cannot be used: too slow to match (catastrophic backtracking) or not a regex."""
 
 _BIAS_NAMES = {"bias", "beta", "b", "shift", "offset"}
 
 
-def match_names(patterns: str | Iterable[str], names: Iterable[str]) -> dict[str, list[str]]:
+def match_names(
+    patterns: str | Iterable[str], names: Iterable[str], *, budget: float = MATCH_BUDGET_SECONDS
+) -> dict[str, list[str]]:
     """Match qualified names the way peft's ``target_modules`` does.
 
     A single string is a regular expression that must match a whole name; a list holds names that
     match exactly or as a dotted suffix (``"fc"`` matches ``"head.fc"``). Returns pattern -> matches.
+    A regex gets ``budget`` seconds for all names together (patterns can come from a file, and some
+    backtrack for minutes); past it, :class:`PatternError` is raised.
     """
     names = list(names)
     if isinstance(patterns, str):
-        regex = re.compile(patterns)
-        return {patterns: [n for n in names if regex.fullmatch(n)]}
-    return {p: [n for n in names if n == p or n.endswith("." + p)] for p in patterns}
+        import regex  # the re-compatible engine with a match timeout (a dependency of transformers)
+
+        try:
+            compiled = regex.compile(patterns)
+        except (regex.error, re.error) as err:
+            raise PatternError(f"{_short(patterns)} is not a valid regular expression: {err}") from None
+        deadline, hits = time.monotonic() + budget, []
+        try:
+            for n in names:
+                if compiled.fullmatch(n, timeout=max(deadline - time.monotonic(), 1e-3)):
+                    hits.append(n)
+        except TimeoutError:
+            raise PatternError(
+                f"the regex {_short(patterns)} took more than {budget:g} s to match {len(names):,} module names "
+                "(nested quantifiers backtrack exponentially): refused; list the module names instead"
+            ) from None
+        return {patterns: hits}
+    suffixes = {}
+    for n in names:  # every dotted suffix of every name, so a long list of patterns costs one lookup each
+        parts = n.split(".")
+        for i in range(len(parts)):
+            suffixes.setdefault(".".join(parts[i:]), []).append(n)
+    return {p: list(dict.fromkeys(suffixes.get(p, []))) for p in patterns}
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text):,} characters)"
 
 
 def _as_pattern_list(value: str | Iterable[str] | None, arg: str) -> str | list[str]:
@@ -41,11 +77,11 @@ def _as_pattern_list(value: str | Iterable[str] | None, arg: str) -> str | list[
         try:
             re.compile(value)
         except re.error as err:
-            raise ValueError(f"{arg}={value!r} is not a valid regular expression: {err}") from None
+            raise PatternError(f"{arg}={_short(value)} is not a valid regular expression: {err}") from None
         return value
     value = list(value)
     if not all(isinstance(v, str) for v in value):
-        raise TypeError(f"{arg} must be a string (regex) or a list of module/parameter names, got {value!r}")
+        raise TypeError(f"{arg} must be a string (regex) or a list of module/parameter names, got {_short(repr(value))}")
     return value
 
 
@@ -82,7 +118,7 @@ def _select(model, extra_trainable, exclude, train_weight, train_bias):
     layers = norm_layers(model)
     frozen_bn = [n for n, m in layers if is_frozen_batchnorm(m)]
     module_names = [n for n, _ in model.named_modules()]
-    param_names = [n for n, _ in model.named_parameters()]
+    param_names = [n for n, _ in model.named_parameters(remove_duplicate=False)]  # shared tensors by every name
 
     excluded = match_names(exclude, module_names + param_names)
     unmatched = [p for p, hits in excluded.items() if not hits]
@@ -103,16 +139,23 @@ def _select(model, extra_trainable, exclude, train_weight, train_bias):
 
     norm_names = {n for n, _ in layers}
     shared = _shared_with_non_norm(model, norm_names)
-    selected = []
+    canonical: dict[int, str] = {}
+    for name, p in model.named_parameters():  # a tensor shared by several norms is known by its first name
+        canonical.setdefault(id(p), name)
+    chosen: dict[int, str] = {}
+    excluded_ids: set[int] = set()
     for layer_name, module in layers:
         for pname, p in module.named_parameters(recurse=False):
             qualified = f"{layer_name}.{pname}" if layer_name else pname
             is_bias = pname.lower() in _BIAS_NAMES
             if (is_bias and not train_bias) or (not is_bias and not train_weight):
                 continue
-            if id(p) in shared or is_excluded(qualified):
+            if id(p) in shared:
                 continue
-            selected.append(qualified)
+            if is_excluded(qualified) or is_excluded(canonical[id(p)]):  # excluding any owner excludes the tensor
+                excluded_ids.add(id(p))
+            chosen[id(p)] = canonical[id(p)]
+    selected = [name for i, name in chosen.items() if i not in excluded_ids]
     if not selected:
         found = (
             f"{len(layers)} normalization layers, none with trainable γ/β left" if layers else "no normalization layer"
@@ -130,9 +173,10 @@ def _select(model, extra_trainable, exclude, train_weight, train_bias):
             "use qualified names as in model.named_modules() (a suffix such as 'fc' is enough)"
         )
     extra_params = set()
+    aliases = dict(model.named_parameters(remove_duplicate=False))
     for hits in matched.values():
         for hit in hits:
-            extra_params.update(n for n in param_names if n == hit or n.startswith(hit + "."))
+            extra_params.update(canonical[id(aliases[n])] for n in param_names if n == hit or n.startswith(hit + "."))
     return set(selected), extra_params
 
 

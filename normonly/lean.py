@@ -13,14 +13,12 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["lean_frozen_convs"]
 
 _CONVS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
-_TRANSPOSED = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 class _FrozenWeightConv(torch.autograd.Function):
@@ -30,29 +28,21 @@ class _FrozenWeightConv(torch.autograd.Function):
     def forward(ctx, input, weight, bias, stride, padding, dilation, groups, conv):
         ctx.save_for_backward(weight)  # a frozen parameter: saving it keeps no extra memory alive
         ctx.params = (stride, padding, dilation, groups)
-        ctx.input_size = input.shape[2:]
+        ctx.input_size = input.shape
+        ctx.bias_size = None if bias is None else list(bias.shape)
         return conv(input, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad_output):
         (weight,) = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.params
-        grad_input = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            # The input gradient of a convolution is the transposed convolution of the output gradient (oneDNN
-            # and cuDNN run the same backward-data kernel for both), and this way needs no input tensor at all.
-            kernel = weight.shape[2:]
-            output_padding = [
-                size - ((out - 1) * s - 2 * p + d * (k - 1) + 1)
-                for size, out, s, p, d, k in zip(
-                    ctx.input_size, grad_output.shape[2:], stride, padding, dilation, kernel
-                )
-            ]
-            grad_input = _TRANSPOSED[len(stride)](
-                grad_output, weight, None, stride, padding, output_padding, groups, dilation
-            )
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad_output.sum([0, *range(2, grad_output.dim())])
+        # The same backward kernel as the plain path, asked for no weight gradient: it reads only the input's
+        # sizes, so a zero-stride stand-in replaces the activation the plain path keeps alive.
+        stand_in = grad_output.new_empty(()).expand(ctx.input_size)
+        grad_input, _, grad_bias = torch.ops.aten.convolution_backward(
+            grad_output, stand_in, weight, ctx.bias_size, stride, padding, dilation, False,
+            [0] * len(stride), groups, [ctx.needs_input_grad[0], False, ctx.needs_input_grad[2]],
+        )
         return grad_input, None, grad_bias, None, None, None, None, None
 
 

@@ -8,7 +8,9 @@ running statistics, ``modules_to_save``) copied into the base's own parameters a
 from __future__ import annotations
 
 import os
+import sys
 import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -20,13 +22,13 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from .config import CONFIG_NAME, WEIGHTS_NAME, NormOnlyConfig
-from .freeze import count_parameters
+from .freeze import PatternError, count_parameters
 from .freeze import print_trainable_parameters as _print_trainable
 from .init import initialize
-from .safe_io import read_tensors, write_files
+from .safe_io import read_tensors, remove_stale_temporaries, write_directories
 from .selection import AdapterSelection, running_stat_names, select_adapter_tensors, slot_tensor, tensor_slots
 
-__all__ = ["NormOnlyModel", "get_normonly_model"]
+__all__ = ["NormOnlyModel", "get_normonly_model", "save_adapter"]
 
 
 @dataclass
@@ -71,6 +73,25 @@ def get_normonly_model(
     return NormOnlyModel(model, config, adapter_name, init_kwargs=init_kwargs)
 
 
+def save_adapter(model: nn.Module, save_directory: str | os.PathLike, config: NormOnlyConfig | None = None) -> None:
+    """Write the norm-only adapter of a model trained in place (``freeze_all_but_norm``) as ``save_pretrained`` does.
+
+    ``config`` says what the adapter holds (default ``NormOnlyConfig()``: every detected norm's γ/β and BatchNorm
+    statistics; pass ``modules_to_save=["fc"]`` for a trained head). ``model`` is left as it was.
+
+    >>> normonly.freeze_all_but_norm(model, extra_trainable=["fc"]); train(model)
+    >>> normonly.save_adapter(model, "out/", NormOnlyConfig(modules_to_save=["fc"]))
+    >>> NormOnlyModel.from_pretrained(fresh_base, "out/")
+    """
+    from .checkpoint import unwrap_model
+
+    wrapped = NormOnlyModel(unwrap_model(model), config if config is not None else NormOnlyConfig())
+    try:
+        wrapped.save_pretrained(save_directory)
+    finally:
+        wrapped.unload()
+
+
 class NormOnlyModel(nn.Module):
     """A base model plus named norm-only adapters, one active at a time; forwards to the base model."""
 
@@ -82,10 +103,20 @@ class NormOnlyModel(nn.Module):
         *,
         init_kwargs: dict | None = None,
     ):
-        if isinstance(model, NormOnlyModel):
-            raise TypeError("model is already a NormOnlyModel: use model.add_adapter(...) or model.load_adapter(...)")
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+        from .checkpoint import unwrap_model
+
+        wrapper, model = model, unwrap_model(model)  # adapters use the plain model's names; forward uses the wrapper
+        if isinstance(model, NormOnlyModel):
+            raise TypeError("model is already a NormOnlyModel: use model.add_adapter(...) or model.load_adapter(...)")
+        owner = getattr(model, "_normonly_owner", None)
+        if owner is not None and owner() is not None:
+            raise ValueError(
+                "this model is already wrapped by a NormOnlyModel (get_normonly_model was called twice on it): add "
+                "adapters to that wrapper with add_adapter / load_adapter, or call unload() on it first"
+            )
+        _refuse_peft(model)
         if config is not None and not isinstance(config, NormOnlyConfig):
             raise TypeError(f"config must be a NormOnlyConfig, got {type(config).__name__}")
         if config is not None:
@@ -96,6 +127,8 @@ class NormOnlyModel(nn.Module):
         selection = select_adapter_tensors(model, config) if config is not None else None  # validate first
         super().__init__()
         self.base_model = model
+        self.__dict__["_forward_module"] = wrapper  # not registered: its parameters are base_model's
+        self.__dict__["_ddp_trainable"] = weakref.WeakKeyDictionary()  # DDP wrapper -> trainable set at its 1st forward
         self.normonly_config: dict[str, NormOnlyConfig] = {}
         self._adapters: dict[str, _Adapter] = {}
         self._active: str | None = None
@@ -120,10 +153,18 @@ class NormOnlyModel(nn.Module):
             self._require_input_grads()
         if config is not None:
             self.set_adapter(adapter_name)
+        model.__dict__["_normonly_owner"] = weakref.ref(self)
 
     # ------------------------------------------------------------------ pass-through
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model(*args, **kwargs)
+        """The base model's forward (through the ``torch.compile`` / DDP wrapper it was given in, if any).
+
+        Not thread-safe with respect to ``set_adapter``: switching adapters while another thread runs ``forward``
+        mixes the two adapters' values. Use one model per thread, or a lock around both.
+        """
+        if self.training and torch.is_grad_enabled():
+            self._check_ddp()
+        return self._forward_module(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         """Attributes the wrapper lacks come from the base model (``model.config``, ``model.fc``, ...)."""
@@ -206,6 +247,8 @@ class NormOnlyModel(nn.Module):
             raise ValueError(f"no adapter named {adapter_name!r}; loaded adapters: {list(self._adapters)}")
         if self._disabled:
             raise RuntimeError("set_adapter inside disable_adapter(): leave the `with` block first")
+        adapter = self._adapters[adapter_name]
+        self._check_ddp(set(adapter.selection.trainable) if adapter.trainable else set(), adapter_name)
         with torch.no_grad():
             self._sync_active()
             self._write(adapter_name)
@@ -279,18 +322,24 @@ class NormOnlyModel(nn.Module):
         As in peft, the adapter named ``"default"`` goes to ``save_directory`` itself and any other to
         ``save_directory/<adapter_name>``. The files hold only the adapter's tensors.
         """
+        if not self._adapters:
+            raise RuntimeError(
+                "this NormOnlyModel holds no adapter (after unload() or merge_and_unload() it is empty): save before "
+                "unloading, or save the merged base model itself"
+            )
         names = list(self._adapters) if selected_adapters is None else list(selected_adapters)
         unknown = [n for n in names if n not in self._adapters]
         if unknown:
             raise ValueError(f"selected_adapters={unknown} are not loaded; loaded adapters: {list(self._adapters)}")
         with torch.no_grad():
             self._sync_active()
-        for name in names:
+        plan = {}
+        for name in names:  # all adapters are written first, then renamed into place together: all or nothing
             adapter = self._adapters[name]
             out = Path(save_directory) if name == "default" else Path(save_directory) / name
-            write_files(
-                out, json_files={CONFIG_NAME: adapter.config.to_dict()}, tensor_files={WEIGHTS_NAME: adapter.values}
-            )
+            plan[out] = {"json_files": {CONFIG_NAME: adapter.config.to_dict()},
+                         "tensor_files": {WEIGHTS_NAME: adapter.values}}
+        write_directories(plan)
 
     @classmethod
     def from_pretrained(
@@ -401,9 +450,35 @@ class NormOnlyModel(nn.Module):
         if sources:
             torch._foreach_copy_([self._live(n) for n in self._base_values], sources)
 
+    def _check_ddp(self, trainable: set[str] | None = None, adapter_name: str | None = None) -> None:
+        """Refuse to train parameters that a DistributedDataParallel wrapper does not synchronise.
+
+        DDP registers the parameters that require grad when it is built; one that starts requiring grad later
+        (``set_adapter`` to an adapter that trains another head) would train apart on every rank.
+        """
+        ddp = nn.parallel.DistributedDataParallel._get_active_ddp_module()
+        if ddp is None and not self._ddp_trainable:
+            return
+        current = {n for n, p in self.base_model.named_parameters() if p.requires_grad}
+        if ddp is not None and ddp not in self._ddp_trainable:
+            self._ddp_trainable[ddp] = frozenset(current)
+        if trainable is None:
+            trainable, what = current, "the model now trains"
+        else:
+            what = f"adapter {adapter_name!r} trains"
+        for seen in list(self._ddp_trainable.values()):
+            new = sorted(trainable - seen)
+            if new:
+                raise RuntimeError(
+                    f"{what} {new[:3]}, which did not require grad when DistributedDataParallel was built around this "
+                    "model, so DDP would not synchronise them and the ranks would drift apart: call set_adapter "
+                    "before wrapping the model in DDP (accelerator.prepare), and wrap it anew after switching"
+                )
+
     def _unwrap(self) -> nn.Module:
         if self._disabled:
             raise RuntimeError("cannot unload inside disable_adapter(): leave the `with` block first")
+        self.base_model.__dict__.pop("_normonly_owner", None)
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
@@ -424,6 +499,20 @@ class NormOnlyModel(nn.Module):
                 store[k] = fn(v)
         self._sources.clear()
         return self
+
+
+def _refuse_peft(model: nn.Module) -> None:
+    """A model already wrapped by peft (LoRA, ...) would have its adapter frozen silently: refuse it."""
+    if "peft" not in sys.modules:  # a model cannot hold peft layers unless peft was imported
+        return
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if isinstance(model, PeftModel) or any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        raise ValueError(
+            f"{type(model).__name__} is already wrapped by peft (it holds peft tuner layers): normonly would freeze "
+            "that adapter. Merge it first (peft_model.merge_and_unload()), or train it with peft alone"
+        )
 
 
 def _output_requires_grad(module: nn.Module, args, output) -> None:
@@ -449,6 +538,10 @@ def _read_adapter(model: nn.Module, directory) -> tuple[NormOnlyConfig, AdapterS
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"adapter directory {directory} does not exist")
+    try:
+        remove_stale_temporaries(directory, [CONFIG_NAME, WEIGHTS_NAME])  # left by a save that was killed
+    except OSError:
+        pass  # a read-only folder: the temporaries only cost disk space
     config = NormOnlyConfig.from_pretrained(directory)
     tensors = read_tensors(directory / WEIGHTS_NAME)
     model_name = type(model).__name__
@@ -462,6 +555,8 @@ def _read_adapter(model: nn.Module, directory) -> tuple[NormOnlyConfig, AdapterS
 
     try:
         selection = select_adapter_tensors(model, config)
+    except PatternError as err:
+        raise ValueError(f"{directory / CONFIG_NAME}: field {err}") from None
     except ValueError as err:
         raise ValueError(f"adapter {directory} does not fit this {model_name}: {err}") from None
     slots = tensor_slots(model)

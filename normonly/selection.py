@@ -8,7 +8,7 @@ from torch import nn
 
 from .config import NormOnlyConfig
 from .detect import norm_layers
-from .freeze import match_names, norm_parameter_names
+from .freeze import PatternError, match_names, norm_parameter_names
 
 __all__ = ["AdapterSelection", "select_adapter_tensors", "running_stat_names", "tensor_slots", "slot_tensor"]
 
@@ -58,25 +58,33 @@ def select_adapter_tensors(model: nn.Module, config: NormOnlyConfig) -> AdapterS
     def in_saved_module(name: str) -> bool:
         return any(name == m or name.startswith(m + ".") for m in save_modules)
 
-    norm_params = norm_parameter_names(
-        model, exclude=config.exclude_modules, train_weight=config.train_weight, train_bias=config.train_bias
+    norm_params = set(
+        norm_parameter_names(
+            model, exclude=config.exclude_modules, train_weight=config.train_weight, train_bias=config.train_bias
+        )
     )
-    by_layer: dict[str, list[str]] = {}
-    for p in norm_params:
-        by_layer.setdefault(p.rpartition(".")[0], []).append(p)
-    layer_order = [n for n, _ in norm_layers(model)]
-    layers = [n for n in layer_order if n in by_layer]
+    slots = tensor_slots(model)
+    canonical = {id(slot_tensor(slot)): name for name, slot in slots.items()}
+    owners: dict[str, list[str]] = {}  # trainable γ/β (by canonical name) -> every norm layer that holds it
+    found = norm_layers(model)
+    all_layers = [n for n, _ in found]
+    for lname, layer in found:
+        for p in layer.parameters(recurse=False):
+            name = canonical.get(id(p))
+            if name in norm_params:
+                owners.setdefault(name, []).append(lname)
+    owning = {layer for o in owners.values() for layer in o}
+    layers = [n for n in all_layers if n in owning]
     if config.target_modules is not None:
         targeted = set(_resolve(config.target_modules, layers, "target_modules", model_name, what="trainable norm"))
         layers = [n for n in layers if n in targeted]
     layers = [n for n in layers if not in_saved_module(n)]
+    chosen = set(layers)
+    trainable = {p for p, o in owners.items() if chosen.intersection(o)}  # shared: trained if any owner is chosen
 
-    slots = tensor_slots(model)
-    trainable = {p for n in layers for p in by_layer[n]}
     tensors = set(trainable)
     if config.bn_stats == "update":
         tensors.update(running_stat_names(model))
-    canonical = {id(slot_tensor(slot)): name for name, slot in slots.items()}
     for m in save_modules:
         module = model.get_submodule(m)
         trainable.update(canonical[id(p)] for p in module.parameters())
@@ -100,7 +108,10 @@ def _resolve(patterns, names: list[str], arg: str, model_name: str, what: str = 
     """Names matched by ``patterns`` (peft's rules, via match_names), erroring on patterns that match nothing."""
     if patterns is None:
         return []
-    matched = match_names(patterns, names)
+    try:
+        matched = match_names(patterns, names)
+    except PatternError as err:
+        raise PatternError(f"{arg}: {err}") from None
     unmatched = [p for p, hits in matched.items() if not hits]
     if unmatched:
         kind = f"{what} layer" if what else "module"

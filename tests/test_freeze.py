@@ -161,3 +161,43 @@ def test_not_a_module_is_a_type_error():
         normonly.freeze_all_but_norm({"weight": torch.ones(3)})
     with pytest.raises(TypeError, match="nn.Module"):
         normonly.norm_layers("resnet18")
+
+
+def _shared_gamma_model() -> nn.Module:
+    """Two LayerNorms that share one γ (as tied norms do); each has its own β."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.LayerNorm(4))
+    model[2].weight = model[1].weight
+    return model
+
+
+def test_a_shared_gamma_is_trained_if_any_owner_is_selected_and_no_owner_is_excluded():
+    model = normonly.freeze_all_but_norm(_shared_gamma_model())
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"1.weight", "1.bias", "2.bias"}
+    for excluded in (["2"], ["1"], ["2.weight"]):  # excluding any owner (or the tensor by any name) freezes it
+        model = normonly.freeze_all_but_norm(_shared_gamma_model(), exclude=excluded)
+        assert not model[1].weight.requires_grad, excluded
+    model = normonly.freeze_all_but_norm(_shared_gamma_model(), exclude=["2"])
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"1.bias"}
+
+
+def test_a_shared_gamma_is_in_the_adapter_when_either_owner_is_targeted():
+    from normonly.selection import select_adapter_tensors
+
+    for target in (["2"], ["1"]):
+        selection = select_adapter_tensors(_shared_gamma_model(), normonly.NormOnlyConfig(target_modules=target))
+        assert "1.weight" in selection.trainable, target  # the shared γ, under its first name
+    selection = select_adapter_tensors(_shared_gamma_model(), normonly.NormOnlyConfig(target_modules=["2"]))
+    assert selection.trainable == ["1.weight", "2.bias"]
+    excluded = select_adapter_tensors(_shared_gamma_model(), normonly.NormOnlyConfig(exclude_modules=["2"]))
+    assert excluded.trainable == ["1.bias"]
+
+
+def test_match_names_gives_a_regex_a_time_budget():
+    from normonly.freeze import PatternError, match_names
+
+    names = [f"encoder.layer.{i}.attention.output.LayerNorm" for i in range(20)]
+    assert match_names(r".*\.1\d\..*", names)[r".*\.1\d\..*"] == names[10:]
+    with pytest.raises(PatternError, match="took more than 0.2 s"):
+        match_names(r"(.*)(.*)(.*)(.*)(.*)(.*)(.*)\7\6\5\4\3\2\1e", names, budget=0.2)
+    assert match_names(["LayerNorm", "1.attention.output.LayerNorm"], names)["1.attention.output.LayerNorm"] == [
+        names[1]]

@@ -1,10 +1,15 @@
+import json
+import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
 import torchvision
 import zoo
 from adapter_helpers import assert_same_state, images, logits, resnet18, state, tiny_bert, tiny_vit, tokens, train
+from conftest import ROOT
 from safetensors import safe_open
 from torch import nn
 
@@ -547,3 +552,145 @@ def test_checkpointing_hooks_go_away_with_disable_and_unload():
     model.activation_checkpointing_enable()
     assert hooks(base) == bare + 1
     assert hooks(model.merge_and_unload()) == bare
+
+
+# ---------------------------------------------------------------- trust: wrapping, saving, distributed use
+def test_a_compiled_or_data_parallel_model_saves_under_the_plain_models_names(tmp_path):
+    for wrap in (torch.compile, nn.DataParallel):
+        base = resnet18()
+        model = get_normonly_model(wrap(base), HEAD)
+        assert model.base_model is base
+        train(model, 1, steps=1)
+        model.save_pretrained(tmp_path / wrap.__name__)
+        with safe_open(tmp_path / wrap.__name__ / WEIGHTS_NAME, "pt") as f:
+            keys = list(f.keys())
+        assert "fc.weight" in keys and not any(k.startswith(("_orig_mod.", "module.")) for k in keys)
+        plain = NormOnlyModel.from_pretrained(resnet18(), tmp_path / wrap.__name__)
+        x, _ = images(3)
+        model.eval()
+        torch.testing.assert_close(logits(plain, x), logits(model, x))
+
+
+def test_wrapping_one_base_twice_or_a_peft_model_is_refused_and_changes_nothing():
+    import peft
+
+    base = resnet18()
+    first = get_normonly_model(base, HEAD)
+    before = {n: p.requires_grad for n, p in base.named_parameters()}
+    with pytest.raises(ValueError, match="already wrapped by a NormOnlyModel"):
+        get_normonly_model(base, NormOnlyConfig())
+    assert {n: p.requires_grad for n, p in base.named_parameters()} == before and len(first._hooks) > 0
+    first.unload()
+    get_normonly_model(base, NormOnlyConfig())  # after unload() the base is free again
+
+    lora = peft.get_peft_model(resnet18(), peft.LoraConfig(target_modules=["fc"], r=2))
+    flags = {n: p.requires_grad for n, p in lora.named_parameters()}
+    for model in (lora, lora.base_model.model):
+        with pytest.raises(ValueError, match="already wrapped by peft"):
+            get_normonly_model(model, NormOnlyConfig())
+    assert {n: p.requires_grad for n, p in lora.named_parameters()} == flags
+
+
+def test_saving_after_unload_raises_and_writes_nothing(tmp_path):
+    for end in ("unload", "merge_and_unload"):
+        model = get_normonly_model(resnet18(), HEAD)
+        getattr(model, end)()
+        with pytest.raises(RuntimeError, match="holds no adapter"):
+            model.save_pretrained(tmp_path / end)
+        assert not (tmp_path / end).exists()
+
+
+def test_a_failed_multi_adapter_save_leaves_the_old_adapters_whole(tmp_path, monkeypatch):
+    model = get_normonly_model(resnet18(), HEAD)
+    model.add_adapter("b", NormOnlyConfig())
+    model.save_pretrained(tmp_path)
+    old = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    train(model, 2, steps=1)
+    real_save = normonly.safe_io.save_file
+    calls = []
+
+    def fail_on_second(*args, **kwargs):  # the disk fills while writing the second adapter
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("No space left on device")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(normonly.safe_io, "save_file", fail_on_second)
+    with pytest.raises(OSError, match="No space"):
+        model.save_pretrained(tmp_path)
+    now = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert now == old  # neither adapter was replaced, and no temporary file is left
+
+
+def test_stale_temporaries_of_killed_saves_are_removed_by_the_next_save_or_load(tmp_path):
+    _, directory = _trained(tmp_path)
+    stale = [directory / f".{WEIGHTS_NAME}.abc123.tmp", directory / f".{CONFIG_NAME}.xyz.tmp"]
+    for path in stale:
+        path.write_bytes(b"\0" * 1000)
+    NormOnlyModel.from_pretrained(resnet18(), directory)
+    assert not any(p.exists() for p in stale)
+    stale[0].write_bytes(b"\0")
+    get_normonly_model(resnet18(), HEAD).save_pretrained(directory)
+    assert not stale[0].exists() and sorted(p.name for p in directory.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+
+
+def test_an_adapter_whose_regex_would_backtrack_for_minutes_is_refused_quickly(tmp_path):
+    import time
+
+    base = tiny_bert()
+    model = get_normonly_model(base, NormOnlyConfig())
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    # the pattern: 90 s with `re` on 40-character names; the backtracking-safe engine ends at once
+    config["target_modules"] = r"([\w.]+)*!"
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="matches no trainable norm layer"):
+        NormOnlyModel.from_pretrained(tiny_bert(), tmp_path)
+    assert time.perf_counter() - start < 5
+    # backreferences make even that engine do polynomial work of degree 7: seconds per name, so the budget stops it
+    config["target_modules"] = r"(.*)(.*)(.*)(.*)(.*)(.*)(.*)\7\6\5\4\3\2\1e"
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"adapter_config\.json: field target_modules: the regex .* refused"):
+        NormOnlyModel.from_pretrained(tiny_bert(), tmp_path)
+    assert time.perf_counter() - start < 10
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("target_modules", "a" * 10_000_000, "regex of 10,000,000 characters"),
+    ("target_modules", ["layer"] * 200_000, "lists 200,000 names"),
+    ("exclude_modules", [], None),
+])
+def test_absurd_adapter_configs_get_a_short_error_naming_file_and_field(tmp_path, field, value, message):
+    get_normonly_model(tiny_bert(), NormOnlyConfig()).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    config[field] = value
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(ValueError) as err:
+        NormOnlyModel.from_pretrained(tiny_bert(), tmp_path)
+    text = str(err.value)
+    assert CONFIG_NAME in text and field in text and len(text) < 500
+    if message:
+        assert message in text
+
+
+def test_a_config_nested_200k_deep_is_a_short_error(tmp_path):
+    (tmp_path / CONFIG_NAME).write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(ValueError, match="nested too deeply") as err:
+        NormOnlyModel.from_pretrained(tiny_bert(), tmp_path)
+    assert len(str(err.value)) < 300
+
+
+@pytest.mark.slow
+def test_switching_to_an_adapter_ddp_does_not_synchronise_raises_and_rebuilding_ddp_works(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "tests" / "helpers" / "ddp_set_adapter.py"), str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    subprocess.run(command, env=env, check=True, capture_output=True, timeout=300)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for report in ranks:
+        assert "did not require grad when DistributedDataParallel was built" in report["switch_after_ddp"]
+        assert "'2.weight'" in report["switch_after_ddp"]
+    heads = [r["head_after_rebuild"] for r in ranks]
+    assert isinstance(heads[0], list) and heads[0] == heads[1]  # trained on different data, kept identical by DDP

@@ -10,6 +10,7 @@ import torch
 import transformers
 from adapter_helpers import tiny_bert, tiny_vit
 from conftest import ROOT
+from run_helpers import plant_pickles, replace_with_pickle
 from safetensors import safe_open
 
 from normonly import NormOnlyConfig, NormOnlyModel, get_normonly_model
@@ -166,6 +167,27 @@ def test_interrupted_run_resumes_from_its_last_checkpoint_to_the_same_result(tmp
     assert train_losses(resumed) == train_losses(reference)  # the first two come from checkpoint-2's trainer state
     final, expected = live_adapter(resumed.model), live_adapter(reference.model)
     assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+
+def test_resume_never_unpickles_code_from_any_checkpoint_file(tmp_path):
+    interrupted = trainer(tmp_path / "run")
+    interrupted.add_callback(StopAt(3))
+    interrupted.train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    pristine = tmp_path / "pristine"
+    shutil.copytree(checkpoint, pristine)
+    marker = tmp_path / "pwned"
+    plant_pickles(checkpoint, marker, names=("training_args.bin", "pytorch_model.bin", "model.safetensors.bin"))
+    trainer(tmp_path / "run").train(resume_from_checkpoint=True)  # files a resume never reads: no effect
+    assert not marker.exists()
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", WEIGHTS_NAME, CONFIG_NAME, "trainer_state.json"):
+        shutil.rmtree(checkpoint)
+        shutil.copytree(pristine, checkpoint)
+        replace_with_pickle(checkpoint / name, marker)
+        with pytest.raises(Exception) as err:  # torch's weights_only unpickler, safetensors or JSON refuse it
+            trainer(tmp_path / "run").train(resume_from_checkpoint=str(checkpoint))
+        assert not marker.exists(), name
+        assert not isinstance(err.value, AssertionError)
 
 
 def test_a_named_adapter_is_saved_in_its_subfolder_and_resumed_from_it(tmp_path):

@@ -81,10 +81,19 @@ def frankle_init_(model: nn.Module) -> nn.Module:
     return model
 
 
-def cifar_resnet(depth: int = 14, width: int = 1, num_classes: int = 10) -> CifarResNet:
+def cifar_resnet(depth: int = 14, width: int = 1, num_classes: int = 10, *, seed: int | None = None) -> CifarResNet:
     """Frankle et al.'s CIFAR ResNet-``depth`` (6n + 2) with ``width``× channels, freshly initialized.
+
+    With ``seed`` the weights are those of ``torch.manual_seed(seed)`` followed by the build, bit for bit, without
+    touching the global random state: a random-weight base is rebuilt exactly from its seed (the recipes record it).
 
     >>> net = cifar_resnet(14)                       # 175,258 parameters, 1,120 of them BatchNorm γ/β
     >>> net = cifar_resnet(14, width=4)              # the wide ResNet-14-4 (64/128/256 channels)
+    >>> torch.equal(cifar_resnet(14, seed=0).conv.weight, cifar_resnet(14, seed=0).conv.weight)
+    True
     """
-    return CifarResNet(depth, width, num_classes)
+    if seed is None:
+        return CifarResNet(depth, width, num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CifarResNet(depth, width, num_classes)

@@ -1,0 +1,243 @@
+"""What every training recipe shares about a run: one configuration per run folder, a stop on SIGTERM/SIGINT
+that saves first, a loss that must stay finite, and one-line errors instead of tracebacks."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shlex
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from .safe_io import read_json
+
+__all__ = [
+    "RunError",
+    "prepare_run_folder",
+    "source_fingerprint",
+    "StopSignal",
+    "check_finite",
+    "resume_command",
+    "save_run_weights",
+    "relative_to_run",
+]
+
+# what a recipe writes into its run folder; --overwrite removes exactly these
+RUN_ENTRIES = (
+    "config.json", "metrics.jsonl", "results.json", "checkpoints", "adapter", "model.safetensors",
+    "adapter_model.safetensors", "adapter_config.json", "curves.png", "logs",
+)
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or go on, told in one line; recipes print it as ``error: ...`` and exit with 2."""
+
+
+def prepare_run_folder(
+    output: str | os.PathLike, config: dict, *, resume: bool, overwrite: bool, may_differ=()
+) -> str:
+    """Claim ``output`` for the run described by ``config`` (every flag's value) before anything is trained.
+
+    Returns ``"new"`` (start from step 0), ``"resume"`` (an unfinished run of this configuration) or
+    ``"finished"``. A folder holding a run of another configuration is refused with the differing flags named
+    (flags in ``may_differ`` may change, e.g. logging); one holding this run needs ``--resume``. With
+    ``overwrite`` the earlier run's files are removed and a new run starts.
+    """
+    output = Path(output)
+    saved_path = output / "config.json"
+    has_run = saved_path.exists() or any((output / name).exists() for name in ("results.json", "checkpoints"))
+    if not has_run:
+        return "new"
+    if overwrite:
+        for name in RUN_ENTRIES:
+            path = output / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        return "new"
+    if not saved_path.exists():
+        raise RunError(f"{output} holds checkpoints or results but no config.json, so its flags are unknown: "
+                       "pass --overwrite to start over there, or pick another --output")
+    try:
+        saved = read_json(saved_path)
+    except ValueError as err:
+        raise RunError(f"{err}; pass --overwrite to start the run over, or pick another --output") from None
+    differing = [k for k in sorted(set(config) | set(saved)) if k not in may_differ and saved.get(k) != config.get(k)]
+    if differing:
+        shown = ", ".join(_difference(k, saved.get(k), config.get(k)) for k in differing[:6])
+        more = f" and {len(differing) - 6} more" if len(differing) > 6 else ""
+        raise RunError(f"{output} holds a run with other flags: {shown}{more}; pick another --output, or pass "
+                       "--overwrite to replace that run")
+    finished = (output / "results.json").exists()
+    if not resume:
+        state = "a finished run" if finished else "an unfinished run"
+        raise RunError(f"{output} already holds {state} of these flags: pass --resume to continue it, --overwrite "
+                       "to start over, or pick another --output")
+    return "finished" if finished else "resume"
+
+
+def relative_to_run(source: str, output: str | os.PathLike) -> str:
+    """A local path as seen from the run folder (so results.json holds no machine's absolute path); hub ids as
+    they are."""
+    path = Path(source).expanduser()
+    return os.path.relpath(path.resolve(), Path(output).resolve()) if path.exists() else source
+
+
+def source_fingerprint(source: str) -> str:
+    """sha256 (16 hex digits) of a local folder's or file's contents (names + bytes), or of a hub id's name.
+
+    Identifies the data a run was trained on wherever the folder lies, so a run folder can be resumed from
+    another working directory but not with other data.
+    """
+    path = Path(source).expanduser()
+    digest = hashlib.sha256()
+    if not path.exists():
+        digest.update(f"hub:{source}".encode())
+        return digest.hexdigest()[:16]
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        rel = f.relative_to(path).as_posix() if path.is_dir() else f.name
+        if any(part.startswith(".") for part in Path(rel).parts):
+            continue  # caches and lock files of tools, not data
+        digest.update(f"{rel}|{f.stat().st_size}|".encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+class StopSignal:
+    """While active, SIGTERM and SIGINT ask the run to stop at the next step instead of killing it.
+
+    The loop checks :meth:`requested` after each optimizer step, saves a checkpoint and exits; a second
+    signal stops at once (the last checkpoint stays valid). Across processes the flag is combined, so every
+    rank stops at the same step.
+
+    >>> with StopSignal() as stop:
+    ...     for step in ...:
+    ...         if stop.requested(accelerator):
+    ...             save_checkpoint(...); raise SystemExit(143)
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> StopSignal:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave the default handlers
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def requested(self, accelerator=None) -> bool:
+        """True when a signal arrived here (or, across processes, on any rank)."""
+        if accelerator is None or accelerator.num_processes == 1:
+            return self.signum is not None
+        flag = torch.tensor([0 if self.signum is None else self.signum], device=accelerator.device)
+        signum = int(accelerator.reduce(flag, reduction="sum").item())
+        if signum and self.signum is None:
+            self.signum = signal.SIGTERM
+        return signum != 0
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGTERM)
+
+
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    """Raise :class:`RunError` if ``loss`` is nan or inf (checked before the step's update is applied)."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise RunError(
+            f"the loss is {value} at step {step}: training diverged, so the run stops here (no update of this step "
+            "was applied or saved); lower --lr, check the data, or use fp32"
+        )
+
+
+def resume_command(argv: list[str] | None = None) -> str:
+    """The command that continues this run: the same script and flags, with ``--resume`` and without
+    ``--overwrite``."""
+    argv = list(sys.argv if argv is None else argv)
+    args = [a for a in argv[1:] if a != "--overwrite"]
+    if "--resume" not in args:
+        args.append("--resume")
+    launched = "LOCAL_RANK" in os.environ or any(k.startswith("ACCELERATE_") for k in os.environ)
+    launcher = "accelerate launch [the same launch flags]" if launched else "python"
+    return f"{launcher} {shlex.join([argv[0], *args])}"
+
+
+def save_run_weights(
+    model: torch.nn.Module, output: str | os.PathLike, *, method: str, base_spec: dict, head: str | None = None
+) -> dict:
+    """Write what a fine-tuning run leaves to load, and return ``{"adapter": path relative to output,
+    "adapter_bytes": size, "load": the lines that load it}``.
+
+    ``norm``: ``adapter/``, a normonly adapter (``NormOnlyModel.from_pretrained``); ``lora``: ``adapter/``, a stock
+    peft adapter (``model`` is the ``PeftModel``); ``head`` / ``bitfit``: ``adapter/trainable.safetensors``, the
+    trained tensors and BatchNorm statistics (``normonly.load_trainable``); ``full``: ``model.safetensors``.
+    Each folder also gets ``base.json``, the spec ``normonly.build_base`` rebuilds the base model from.
+    """
+    from .checkpoint import save_trainable, unwrap_model, write_json
+    from .config import NormOnlyConfig
+    from .model import save_adapter
+    from .safe_io import write_files
+
+    output, model = Path(output), unwrap_model(model)
+    folder = output if method == "full" else output / "adapter"
+    shutil.rmtree(output / "adapter", ignore_errors=True)
+    if method == "norm":
+        config = NormOnlyConfig(modules_to_save=[head] if head else None, base_model_spec=base_spec)
+        save_adapter(model, folder, config)
+        loader = f"model = normonly.NormOnlyModel.from_pretrained(base, {str(folder)!r})"
+    elif method == "lora":
+        model.save_pretrained(str(folder))
+        loader = f"import peft; model = peft.PeftModel.from_pretrained(base, {str(folder)!r})"
+    elif method == "full":
+        write_files(folder, tensor_files={"model.safetensors": model.state_dict()}, digest=False)
+        loader = f"normonly.load_trainable(base, {str(folder / 'model.safetensors')!r})"
+    else:
+        save_trainable(model, folder / "trainable.safetensors", batchnorm_stats=True)
+        loader = f"normonly.load_trainable(base, {str(folder / 'trainable.safetensors')!r})"
+    write_json(folder / "base.json", base_spec)
+    weights = [p for p in folder.iterdir() if p.suffix == ".safetensors"] if method != "full" else [folder / "model.safetensors"]
+    return {
+        "adapter": os.path.relpath(folder, output),
+        "adapter_bytes": sum(p.stat().st_size for p in weights),
+        "load": f"import normonly\nbase = normonly.build_base({str(folder)!r})\n{loader}",
+    }
+
+
+# config entries a recipe derives rather than takes as a flag, and what a difference in them means
+DERIVED = {
+    "data_fingerprint": "other data under that path",
+    "model_fingerprint": "other model weights",
+    "torch_threads": "another thread count changes float results; set OMP_NUM_THREADS as recorded",
+}
+
+
+def _difference(key: str, saved, now) -> str:
+    if key in DERIVED:
+        return f"{key} {_short(saved)} (now {_short(now)}: {DERIVED[key]})"
+    return f"--{key.replace('_', '-')} {_short(saved)} (now {_short(now)})"
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
