@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .distributed import full_tensor, is_sharded
 from .safe_io import (
     file_digest,
     flatten_state,
@@ -127,18 +128,21 @@ def save_checkpoint(
     rng_tree, rng_tensors = flatten_state(_rng_state(generators or {}))
     write_files(tmp, json_files={f"rng_{rank}.json": {"rng": rng_tree}},
                 tensor_files={f"rng_{rank}.safetensors": rng_tensors}, digest=False)
+    # sharded (FSDP2) tensors are gathered whole on every rank: collectives, so all ranks take part
+    tensors_of_model = {name: full_tensor(t) for name, t in model_state(model).items()}
+    optimizer_state = _optimizer_state(model, optimizer) if optimizer is not None else None
     if main:
         state = {
             "step": step,
             "num_processes": _world(accelerator),
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": _scaler_state(accelerator),
             "progress": progress or {},
         }
         tree, tensors = flatten_state(state)
         write_files(tmp, json_files={"state.json": {"state": tree}},
-                    tensor_files={"state.safetensors": tensors, "model.safetensors": model_state(model)}, digest=False)
+                    tensor_files={"state.safetensors": tensors, "model.safetensors": tensors_of_model}, digest=False)
     _barrier(accelerator)
     if main:
         digests = {p.name: file_digest(p) for p in sorted(tmp.iterdir()) if not p.name.startswith(".")}
@@ -206,9 +210,9 @@ def load_checkpoint(
                                   f"the model {tuple(t.shape)}; resume with the flags that wrote it")
     with torch.no_grad():
         for name, t in live.items():
-            t.copy_(saved_model[name].to(t.device))
+            t.copy_(_like(saved_model[name], t))
     if optimizer is not None and state.get("optimizer") is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        _load_optimizer_state(model, optimizer, state["optimizer"])
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler") is not None and getattr(accelerator, "scaler", None) is not None:
@@ -313,6 +317,37 @@ def _read_state(folder: Path, stem: str, key: str, previous: Path | None):
         return unflatten_state(tree[key], tensors)
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{folder / (stem + '.json')} is not a normonly checkpoint state ({err})") from None
+
+
+def _like(saved: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """``saved`` (a whole tensor) on ``live``'s device, sharded like ``live`` when that is a DTensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    saved = saved.to(live.device)
+    if isinstance(live, DTensor):
+        return distribute_tensor(saved, live.device_mesh, live.placements)
+    return saved
+
+
+def _optimizer_state(model: nn.Module, optimizer) -> dict:
+    """The optimizer's ``state_dict``; for a sharded model the whole (gathered) one, keyed by parameter names."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
+    if not is_sharded(unwrap_model(model)):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(unwrap_model(model), inner, options=StateDictOptions(full_state_dict=True))
+
+
+def _load_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if not is_sharded(unwrap_model(model)):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(unwrap_model(model), inner, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))
 
 
 def _rng_state(generators: dict[str, torch.Generator]) -> dict:

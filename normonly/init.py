@@ -140,3 +140,12 @@ def frankle(model: nn.Module, names: list[str]) -> None:
 def ones(model: nn.Module, names: list[str]) -> None:
     """Identity scale (γ = 1, or weight = 0 for ``1 + weight`` norms) and β = 0."""
     _set_scale_and_shift(model, names, torch.ones_like)
+
+
+@register_initializer("theory")
+def theory(model: nn.Module, names: list[str], **kwargs) -> None:
+    """γ/β from a target network (Giannou et al.): :func:`normonly.theory.theory_init`, imported on first use so
+    that ``init="theory"`` is known even where ``normonly.theory`` has not been imported yet."""
+    from .theory.theory_init import theory_init
+
+    theory_init(model, names, **kwargs)

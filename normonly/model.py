@@ -73,23 +73,35 @@ def get_normonly_model(
     return NormOnlyModel(model, config, adapter_name, init_kwargs=init_kwargs)
 
 
-def save_adapter(model: nn.Module, save_directory: str | os.PathLike, config: NormOnlyConfig | None = None) -> None:
+def save_adapter(
+    model: nn.Module, save_directory: str | os.PathLike, config: NormOnlyConfig | None = None, *, write: bool | None = None
+) -> None:
     """Write the norm-only adapter of a model trained in place (``freeze_all_but_norm``) as ``save_pretrained`` does.
 
     ``config`` says what the adapter holds (default ``NormOnlyConfig()``: every detected norm's γ/β and BatchNorm
-    statistics; pass ``modules_to_save=["fc"]`` for a trained head). ``model`` is left as it was.
+    statistics; pass ``modules_to_save=["fc"]`` for a trained head). ``model`` is only read. It may be wrapped
+    (DDP, ``torch.compile``) or sharded with FSDP2: then call it on every rank, which gathers just the adapter's
+    tensors, never the frozen weights; ``write`` (default: on rank 0 only) says which process writes the files.
 
     >>> normonly.freeze_all_but_norm(model, extra_trainable=["fc"]); train(model)
     >>> normonly.save_adapter(model, "out/", NormOnlyConfig(modules_to_save=["fc"]))
     >>> NormOnlyModel.from_pretrained(fresh_base, "out/")
     """
     from .checkpoint import unwrap_model
+    from .distributed import full_tensor
 
-    wrapped = NormOnlyModel(unwrap_model(model), config if config is not None else NormOnlyConfig())
-    try:
-        wrapped.save_pretrained(save_directory)
-    finally:
-        wrapped.unload()
+    model = unwrap_model(model)
+    config = config if config is not None else NormOnlyConfig()
+    if config.base_model_name_or_path is None:
+        config = replace(config, base_model_name_or_path=_name_or_path(model))
+    selection = select_adapter_tensors(model, config)
+    slots = tensor_slots(model)
+    values = {n: full_tensor(slot_tensor(slots[n])).detach() for n in selection.tensors}
+    if write is None:
+        write = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    if write:
+        write_directories({save_directory: {"json_files": {CONFIG_NAME: config.to_dict()},
+                                            "tensor_files": {WEIGHTS_NAME: values}}})
 
 
 class NormOnlyModel(nn.Module):

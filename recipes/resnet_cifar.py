@@ -324,7 +324,7 @@ def training_function(args: argparse.Namespace) -> tuple[dict, torch.nn.Module |
     accelerator.wait_for_everyone()
     model = unwrap_model(model)  # the model's own names, not DDP's module.* or torch.compile's _orig_mod.*
     if accelerator.is_main_process:
-        save_outputs(model, args, output, results)
+        save_outputs(model, args, output, results, records)
     accelerator.end_training()
     return results, model
 
@@ -357,10 +357,12 @@ def write_metrics(output: Path, records: list[dict]) -> None:
     os.replace(tmp, output / "metrics.jsonl")
 
 
-def save_outputs(model, args: argparse.Namespace, output: Path, results: dict) -> None:
-    """model.safetensors (final parameters and BatchNorm statistics), adapter/ for the norm modes, results.json."""
+def save_outputs(model, args: argparse.Namespace, output: Path, results: dict, records: list[dict]) -> None:
+    """model.safetensors (final parameters and BatchNorm statistics), adapter/ for the norm modes, results.json and
+    curves.png (train/test accuracy and loss per epoch)."""
     from normonly.checkpoint import write_json
     from normonly.models import base_spec
+    from normonly.report import plot_curves
     from normonly.runs import save_run_weights
     from normonly.safe_io import write_files
 
@@ -371,7 +373,9 @@ def save_outputs(model, args: argparse.Namespace, output: Path, results: dict) -
                                  head="fc" if args.train == "norm+output" else None)
         results.update(adapter=saved["adapter"], adapter_bytes=saved["adapter_bytes"])
     write_json(output / "results.json", results)
-    print(f"test accuracy {results['accuracy']:.4f}; results in {output / 'results.json'}")
+    plot_curves(records, output / "curves.png")
+    print(f"test accuracy {results['accuracy']:.4f}; results in {output / 'results.json'}, curves in "
+          f"{output / 'curves.png'}")
     if "adapter" in results:
         print(f"load the trained network with:\n{saved['load']}")
 

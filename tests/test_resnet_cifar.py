@@ -125,6 +125,7 @@ def test_short_run_writes_results_metrics_checkpoint_and_refuses_to_clobber(reci
     assert metrics[-1]["lr"] < 1e-3  # cosine reached ~0 at step 20
     assert [p.name for p in list_checkpoints(out)] == ["step_000000015", "step_000000020"]
     assert (out / "model.safetensors").is_file()
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     with pytest.raises(SystemExit, match="already holds a finished run.*--resume.*--overwrite"):
         recipe.main(argv)
