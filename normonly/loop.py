@@ -31,6 +31,7 @@ def train_steps(
     save_every: int = 0,
     keep: int = 2,
     desc: str = "train",
+    progress: dict | None = None,
 ) -> dict:
     """Run optimizer steps ``loss_fn(batch, step)`` -> loss until ``max_steps``; returns ``{"step", "train_seconds"}``.
 
@@ -38,9 +39,10 @@ def train_steps(
     (``use_seedable_sampler=True``). With ``resume`` the newest checkpoint in ``output`` is restored and the
     loop continues at its step with the same batches and random numbers as an uninterrupted run. On SIGTERM
     or SIGINT the current step is saved, the resume command printed, and ``SystemExit(128 + signal)`` raised.
+    ``progress`` holds more JSON-ready values to keep in the checkpoints (a resume gets back the saved ones).
     """
     output = Path(output)
-    progress = {"step": 0, "train_seconds": 0.0}
+    progress = {**(progress or {}), "step": 0, "train_seconds": 0.0}
     rng = None
     if resume:
         restored = load_checkpoint(output, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -54,7 +56,8 @@ def train_steps(
     tick = time.perf_counter()
 
     def save() -> None:
-        done = {"train_seconds": progress["train_seconds"] + time.perf_counter() - tick}
+        done = {**progress, "train_seconds": progress["train_seconds"] + time.perf_counter() - tick}
+        done.pop("step")
         save_checkpoint(output, step, model=model, optimizer=optimizer, scheduler=scheduler, progress=done,
                         keep=keep, accelerator=accelerator)
 

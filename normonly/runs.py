@@ -184,7 +184,8 @@ def resume_command(argv: list[str] | None = None) -> str:
 
 
 def save_run_weights(
-    model: torch.nn.Module, output: str | os.PathLike, *, method: str, base_spec: dict, head: str | None = None
+    model: torch.nn.Module, output: str | os.PathLike, *, method: str, base_spec: dict,
+    modules_to_save: list[str] | None = None, is_main: bool = True,
 ) -> dict:
     """Write what a fine-tuning run leaves to load, and return ``{"adapter": path relative to output,
     "adapter_bytes": size, "load": the lines that load it}``.
@@ -193,33 +194,47 @@ def save_run_weights(
     peft adapter (``model`` is the ``PeftModel``); ``head`` / ``bitfit``: ``adapter/trainable.safetensors``, the
     trained tensors and BatchNorm statistics (``normonly.load_trainable``); ``full``: ``model.safetensors``.
     Each folder also gets ``base.json``, the spec ``normonly.build_base`` rebuilds the base model from.
+    Call it on every process when the model is sharded (FSDP2): the tensors are gathered there, and the
+    process with ``is_main`` writes.
     """
-    from .checkpoint import save_trainable, unwrap_model, write_json
+    from .checkpoint import unwrap_model, write_json
     from .config import NormOnlyConfig
+    from .distributed import full_tensor
     from .model import save_adapter
     from .safe_io import write_files
 
     output, model = Path(output), unwrap_model(model)
     folder = output if method == "full" else output / "adapter"
-    shutil.rmtree(output / "adapter", ignore_errors=True)
+    if is_main:
+        shutil.rmtree(output / "adapter", ignore_errors=True)
     if method == "norm":
-        config = NormOnlyConfig(modules_to_save=[head] if head else None, base_model_spec=base_spec)
-        save_adapter(model, folder, config)
+        config = NormOnlyConfig(modules_to_save=modules_to_save or None, base_model_spec=base_spec)
+        save_adapter(model, folder, config, write=is_main)
+        files = {}
         loader = f"model = normonly.NormOnlyModel.from_pretrained(base, {str(folder)!r})"
     elif method == "lora":
-        model.save_pretrained(str(folder))
+        from peft.utils import get_peft_model_state_dict
+
+        state = {k: full_tensor(v).detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+        files = {"adapter_model.safetensors": state}
+        if is_main:
+            model.peft_config["default"].save_pretrained(str(folder))
         loader = f"import peft; model = peft.PeftModel.from_pretrained(base, {str(folder)!r})"
-    elif method == "full":
-        write_files(folder, tensor_files={"model.safetensors": model.state_dict()}, digest=False)
+    elif method == "full":  # clones: safetensors refuses tensors that share memory (tied embeddings)
+        files = {"model.safetensors": {k: full_tensor(v).detach().clone() for k, v in model.state_dict().items()}}
         loader = f"normonly.load_trainable(base, {str(folder / 'model.safetensors')!r})"
     else:
-        save_trainable(model, folder / "trainable.safetensors", batchnorm_stats=True)
+        state = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        state.update({n: b for n, b in model.named_buffers() if n.rpartition(".")[2].startswith(("running_", "num_batches"))})
+        files = {"trainable.safetensors": {k: full_tensor(v).detach().clone() for k, v in state.items()}}
         loader = f"normonly.load_trainable(base, {str(folder / 'trainable.safetensors')!r})"
-    write_json(folder / "base.json", base_spec)
-    weights = [p for p in folder.iterdir() if p.suffix == ".safetensors"] if method != "full" else [folder / "model.safetensors"]
+    if is_main:
+        write_files(folder, tensor_files=files, digest=False)
+        write_json(folder / "base.json", base_spec)
+    weights = [folder / "model.safetensors"] if method == "full" else list(folder.glob("*.safetensors"))
     return {
         "adapter": os.path.relpath(folder, output),
-        "adapter_bytes": sum(p.stat().st_size for p in weights),
+        "adapter_bytes": sum(p.stat().st_size for p in weights) if is_main else None,
         "load": f"import normonly\nbase = normonly.build_base({str(folder)!r})\n{loader}",
     }
 

@@ -251,7 +251,7 @@ def training_function(args) -> tuple[dict, object]:
                "num_processes": accelerator.num_processes, **config}
     if accelerator.is_main_process:
         saved = save_run_weights(accelerator.unwrap_model(model), output, method=args.method,
-                                 base_spec=base_spec(args, num_labels), head="head")
+                                 base_spec=base_spec(args, num_labels), modules_to_save=["head"])
         results.update(adapter=saved["adapter"], adapter_bytes=saved["adapter_bytes"], seconds=time.time() - start)
         write_json(output / "results.json", results)
         print(f"{args.method}: accuracy {accuracy:.4f}, {trainable:,} trainable parameters; results in "

@@ -370,7 +370,7 @@ def save_outputs(model, args: argparse.Namespace, output: Path, results: dict, r
     if args.train in ("norm", "norm+output"):  # a normonly adapter of the seed-rebuilt random base
         spec = base_spec("cifar_resnet", depth=args.depth, width=args.width, num_classes=10, seed=args.seed)
         saved = save_run_weights(model, output, method="norm", base_spec=spec,
-                                 head="fc" if args.train == "norm+output" else None)
+                                 modules_to_save=["fc"] if args.train == "norm+output" else None)
         results.update(adapter=saved["adapter"], adapter_bytes=saved["adapter_bytes"])
     write_json(output / "results.json", results)
     plot_curves(records, output / "curves.png")

@@ -60,7 +60,7 @@ def write_report(folder: Path, plan, paper: dict) -> None:
     (folder / "sweep.json").write_text(json.dumps({"runs": rows, "paper": {str(k): v for k, v in paper.items()}},
                                                   indent=2) + "\n")
     lines = [
-        "| run | depth | width | trained | epochs | test accuracy | trainable | |γ|<0.05 (all / before ReLU) | hours |",
+        "| run | depth | width | trained | epochs | test accuracy | trainable | \\|γ\\| < 0.05 (all / before ReLU) | hours |",
         "|---|---:|---:|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .causal_lm import causal_lm
 from .cifar_resnet import CifarResNet, cifar_resnet, frankle_init_
 from .image_classifier import ImageClassifier, build_image_classifier, image_classifier
 from .sentence_classifier import SentenceClassifier, sentence_classifier
@@ -27,6 +28,7 @@ __all__ = [
     "ImageClassifier",
     "build_image_classifier",
     "image_classifier",
+    "causal_lm",
     "BUILDERS",
     "base_spec",
     "build_base",
@@ -36,6 +38,7 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "cifar_resnet": cifar_resnet,
     "sentence_classifier": sentence_classifier,
     "image_classifier": image_classifier,
+    "causal_lm": causal_lm,
 }
 
 
