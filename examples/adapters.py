@@ -13,7 +13,7 @@ import torchvision
 import normonly
 from normonly import NormOnlyConfig, NormOnlyModel
 
-warnings.filterwarnings("ignore", message="Unsupported layer type")  # peft's LN tuning names no vision layers
+warnings.filterwarnings("ignore", message="Unsupported layer type")  # peft LN tuning: harmless, once per norm layer
 
 
 def pretrained():

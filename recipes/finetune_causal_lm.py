@@ -67,8 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(default 8)")
     p.add_argument("--eval-batches", type=int, default=50, help="batches of the eval split for perplexity (default 50)")
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank, --method lora (default 8)")
-    p.add_argument("--fsdp", action="store_true", help="shard every decoder block with FSDP2 (needs >= 2 processes)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--fsdp", action="store_true", help="shard every decoder block with FSDP2 (needs >= 2 processes; default off)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (default off)")
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
                    help="autocast precision (default: the accelerate config's, else no)")
     p.add_argument("--seed", type=int, default=0, help="random seed: data order, LoRA init, dropout (default 0)")

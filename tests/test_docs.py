@@ -167,7 +167,7 @@ def test_readme_links_point_to_files_and_headings_that_exist():
             assert anchor in {slugify(h, "-") for h in headings}, f"README.md links to {target}: no such heading"
 
 
-@pytest.mark.parametrize("recipe", ["resnet_cifar", "finetune_text", "finetune_vision"])
+@pytest.mark.parametrize("recipe", ["resnet_cifar", "finetune_text", "finetune_vision", "finetune_causal_lm"])
 def test_each_recipe_page_documents_every_flag(recipe):
     help_text = subprocess.run([sys.executable, str(ROOT / "recipes" / f"{recipe}.py"), "--help"],
                                capture_output=True, text=True, check=True, timeout=60).stdout

@@ -357,3 +357,31 @@ def test_a_norm_run_leaves_an_adapter_that_reloads_bit_for_bit_and_converts_to_p
     through_peft = peft.PeftModel.from_pretrained(base(), str(tmp_path / "peft")).eval()
     with torch.no_grad():
         assert torch.equal(through_peft(x), expected)
+
+
+@pytest.mark.slow
+def test_two_machines_on_loopback_train_exactly_like_two_processes_on_one_machine(tmp_path, mini):
+    import socket
+
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    recipe_args = [str(RECIPE), *TINY, "--max-steps", "6", "--data", mini, "--report-to", "none"]
+    env = _env(tmp_path, ACCELERATE_USE_CPU="1")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    machines = [  # what `accelerate launch` runs on each of two machines, here both on this host
+        subprocess.Popen([accelerate, "launch", "--multi_gpu", "--num_machines", "2", "--machine_rank", str(rank),
+                          "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+                          "--mixed_precision", "no", "--dynamo_backend", "no", *recipe_args,
+                          "--output", str(tmp_path / "two-machines")],
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)
+    ]
+    for proc in machines:
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    one = subprocess.run([accelerate, "launch", "--config_file", str(ROOT / "recipes" / "accelerate" / "cpu_2proc.yaml"),
+                          *recipe_args, "--output", str(tmp_path / "one-machine")], env=env, capture_output=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    results = json.loads((tmp_path / "two-machines" / "results.json").read_text())
+    assert results["num_processes"] == 2
+    assert_same_tensors(tmp_path / "two-machines" / "model.safetensors", tmp_path / "one-machine" / "model.safetensors")
