@@ -193,7 +193,8 @@ def freeze_all_but_norm(
     Works in place and returns ``model``. ``extra_trainable`` adds modules or parameters (e.g. a
     new head, ``["fc"]``); ``exclude`` keeps some norm layers frozen. Names follow peft's
     ``target_modules``: a list of exact names or dotted suffixes, or one regex string. Parameters
-    tied to a non-norm module stay frozen. On error nothing is changed.
+    tied to a non-norm module stay frozen. A γ/β shared by several norm layers is trained if any of them is
+    selected and none of them (nor the tensor under any of its names) is excluded. On error nothing is changed.
 
     >>> model = torchvision.models.resnet18()
     >>> normonly.freeze_all_but_norm(model, extra_trainable=["fc"])
