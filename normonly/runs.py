@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # imported where used: recipes build their --help from this m
 __all__ = [
     "add_run_flags",
     "run_recipe",
+    "check_training_flags",
     "RunError",
     "prepare_run_folder",
     "source_fingerprint",
@@ -50,6 +51,26 @@ def add_run_flags(parser) -> None:
     parser.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints to keep (default 2)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace the run already in --output (else refused)")
+
+
+def check_training_flags(parser, args, positive=(), default_lr: dict | None = None) -> None:
+    """The checks the fine-tuning recipes share, reported with ``parser.error`` (exit status 2): the flags named in
+    ``positive`` are >= 1; --max-steps >= 1; --epochs > 0; --warmup in [0, 1); --lr (its default per --method from
+    ``default_lr``) finite and > 0; --weight-decay finite and >= 0."""
+    for flag in (*positive, "keep_checkpoints"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        parser.error(f"--max-steps must be >= 1, got {args.max_steps}")
+    if not args.epochs > 0 or not math.isfinite(args.epochs):
+        parser.error(f"--epochs must be > 0, got {args.epochs}")
+    if not 0 <= args.warmup < 1:
+        parser.error(f"--warmup is a fraction of the steps in [0, 1), got {args.warmup}")
+    if args.lr is None and default_lr is not None:
+        args.lr = default_lr[args.method]
+    if not (math.isfinite(args.lr) and args.lr > 0) or not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        parser.error(f"--lr must be a finite number > 0 and --weight-decay finite and >= 0, got {args.lr} and "
+                     f"{args.weight_decay}")
 
 
 def run_recipe(training_function, args) -> dict:

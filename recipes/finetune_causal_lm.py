@@ -38,7 +38,7 @@ MAY_DIFFER = {"output", "dataset", "model", "save_every", "keep_checkpoints"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from normonly.runs import add_run_flags
+    from normonly.runs import add_run_flags, check_training_flags
 
     doc = __doc__.split("\n\n")
     p = argparse.ArgumentParser(description=doc[0] + "\n\n" + doc[2], formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -78,18 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.prompt_column is None) != (args.response_column is None):
         p.error("instruction data needs both --prompt-column and --response-column")
-    for flag in ("block_size", "batch_size", "eval_batches", "lora_r", "keep_checkpoints"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.max_steps is not None and args.max_steps < 1:
-        p.error(f"--max-steps must be >= 1, got {args.max_steps}")
-    if not args.epochs > 0 or not math.isfinite(args.epochs):
-        p.error(f"--epochs must be > 0, got {args.epochs}")
-    if not 0 <= args.warmup < 1:
-        p.error(f"--warmup is a fraction of the steps in [0, 1), got {args.warmup}")
-    args.lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        p.error(f"--lr must be a finite number > 0, got {args.lr}")
+    check_training_flags(p, args, positive=("block_size", "batch_size", "eval_batches", "lora_r"), default_lr=DEFAULT_LR)
     return args
 
 

@@ -50,7 +50,7 @@ def default_dataset() -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from normonly.runs import add_run_flags
+    from normonly.runs import add_run_flags, check_training_flags
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -93,18 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if looks_like_path(value) and not Path(value).expanduser().exists():
             p.error(f"--{flag} {value}: no such folder; pass an existing folder or a hub id"
                     + (" (e.g. --dataset glue --dataset-config sst2)" if flag == "dataset" else ""))
-    for flag in ("batch_size", "max_length", "lora_r", "keep_checkpoints"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.max_steps is not None and args.max_steps < 1:
-        p.error(f"--max-steps must be >= 1, got {args.max_steps}")
-    if not args.epochs > 0 or not math.isfinite(args.epochs):
-        p.error(f"--epochs must be > 0, got {args.epochs}")
-    if not 0 <= args.warmup < 1:
-        p.error(f"--warmup is a fraction of the steps in [0, 1), got {args.warmup}")
-    args.lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
-    if not (math.isfinite(args.lr) and args.lr > 0) or not math.isfinite(args.weight_decay):
-        p.error(f"--lr must be a finite number > 0 and --weight-decay finite, got {args.lr} and {args.weight_decay}")
+    check_training_flags(p, args, positive=("batch_size", "max_length", "lora_r"), default_lr=DEFAULT_LR)
     return args
 
 
