@@ -168,12 +168,28 @@ class NormOnlyModel(nn.Module):
         model.__dict__["_normonly_owner"] = weakref.ref(self)
 
     # ------------------------------------------------------------------ pass-through
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The base model's forward (through the ``torch.compile`` / DDP wrapper it was given in, if any).
+
+        ``adapter_names`` (inference only, peft's keyword): one adapter name per sample along the batch dimension,
+        ``"__base__"`` for the base model's own values; every sample gets exactly what ``set_adapter(name)`` and a
+        forward of that sample alone would give, in one batch (see :mod:`normonly.mixed`).
 
         Not thread-safe with respect to ``set_adapter``: switching adapters while another thread runs ``forward``
         mixes the two adapters' values. Use one model per thread, or a lock around both.
+
+        >>> model.eval()
+        >>> logits = model(x, adapter_names=["task_a", "task_b", "__base__", "task_a"])   # x holds 4 samples
         """
+        if adapter_names is not None:
+            from .mixed import mixed_adapters
+
+            first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() > 0), None)
+            if first is not None and not isinstance(adapter_names, str) and first.shape[0] != len(adapter_names):
+                raise ValueError(f"adapter_names holds {len(adapter_names)} names for a batch of {first.shape[0]} "
+                                 "samples: give one adapter name per sample")
+            with mixed_adapters(self, adapter_names):
+                return self.base_model(*args, **kwargs)
         if self.training and torch.is_grad_enabled():
             self._check_ddp()
         return self._forward_module(*args, **kwargs)

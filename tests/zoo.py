@@ -32,6 +32,7 @@ def _images(size=32, batch=2, channels=3):
         out = model(torch.randn(batch, channels, size, size))
         return _to_loss(out)
 
+    run.inputs = lambda n: ((torch.randn(n, channels, size, size),), {})  # (args, kwargs) of a batch of n
     return run
 
 
@@ -42,6 +43,11 @@ def _tokens(vocab=99, length=8, batch=2, **extra):
         kwargs = {k: (ids if v == "ids" else v) for k, v in extra.items()}
         return _to_loss(model(input_ids=ids, **kwargs))
 
+    def inputs(n):
+        ids = torch.randint(0, vocab, (n, length))
+        return (), {"input_ids": ids, **{k: (ids if v == "ids" else v) for k, v in extra.items()}}
+
+    run.inputs = inputs
     return run
 
 
@@ -50,6 +56,7 @@ def _hf_images(size=32, batch=2):
         torch.manual_seed(0)
         return _to_loss(model(pixel_values=torch.randn(batch, 3, size, size)))
 
+    run.inputs = lambda n: ((), {"pixel_values": torch.randn(n, 3, size, size)})
     return run
 
 
@@ -340,6 +347,7 @@ def _custom():
             torch.manual_seed(0)
             return _to_loss(model(torch.randn(batch, dim)))
 
+        run.inputs = lambda n: ((torch.randn(n, dim),), {})
         return run
 
     return [
