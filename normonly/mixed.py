@@ -102,7 +102,12 @@ def _per_sample_forward(module: nn.Module, values: dict[str, list[torch.Tensor]]
 
     kind = type(module)
     if kind in _BATCHNORMS and module.track_running_stats:
-        stacked = {k: torch.stack(v) for k, v in values.items() if k != "num_batches_tracked"}
+        stacked = {k: torch.stack(v).float() for k, v in values.items() if k != "num_batches_tracked"}
+        alpha = torch.rsqrt(stacked["running_var"] + module.eps)
+        if module.affine:
+            alpha = alpha * stacked["weight"]
+        shift = (stacked["bias"] if module.affine else 0) - stacked["running_mean"] * alpha
+        stacked = {"alpha": alpha, "shift": shift}
 
         def batchnorm(x):
             check(x)
@@ -158,14 +163,11 @@ def _channel_shape(x: torch.Tensor, channels_dim: int = 1) -> tuple[int, ...]:
 
 
 def _batchnorm(module, x: torch.Tensor, stacked: dict, index: torch.Tensor) -> torch.Tensor:
-    """Eval BatchNorm with per-sample statistics and affine: (x - mean) * (γ / sqrt(var + eps)) + β."""
+    """Eval BatchNorm with per-sample statistics and affine, as torch's inference kernel computes it:
+    x * α + β' with α = γ / sqrt(var + eps) and β' = β - mean * α, one fused multiply-add."""
     shape = _channel_shape(x)
-    inv_std = torch.rsqrt(stacked["running_var"] + module.eps)
-    scale = inv_std * stacked["weight"] if module.affine else inv_std
-    y = (x.float() - stacked["running_mean"][index].view(shape)) * scale[index].view(shape)
-    if module.affine:
-        y = y + stacked["bias"][index].view(shape)
-    return y.to(x.dtype)
+    alpha, shift = stacked["alpha"], stacked["shift"]
+    return torch.addcmul(shift[index].view(shape).to(x.dtype), x, alpha[index].view(shape).to(x.dtype))
 
 
 def _normalize_then_scale(module, x: torch.Tensor, stacked: dict, index: torch.Tensor) -> torch.Tensor:

@@ -173,7 +173,8 @@ class NormOnlyModel(nn.Module):
 
         ``adapter_names`` (inference only, peft's keyword): one adapter name per sample along the batch dimension,
         ``"__base__"`` for the base model's own values; every sample gets exactly what ``set_adapter(name)`` and a
-        forward of that sample alone would give, in one batch (see :mod:`normonly.mixed`).
+        forward of that sample alone would give, in one batch (see :mod:`normonly.mixed`). It runs eagerly, also
+        under ``torch.compile`` (a compiled model gives the same outputs; the mixed call is not compiled).
 
         Not thread-safe with respect to ``set_adapter``: switching adapters while another thread runs ``forward``
         mixes the two adapters' values. Use one model per thread, or a lock around both.
@@ -182,17 +183,21 @@ class NormOnlyModel(nn.Module):
         >>> logits = model(x, adapter_names=["task_a", "task_b", "__base__", "task_a"])   # x holds 4 samples
         """
         if adapter_names is not None:
-            from .mixed import mixed_adapters
-
-            first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() > 0), None)
-            if first is not None and not isinstance(adapter_names, str) and first.shape[0] != len(adapter_names):
-                raise ValueError(f"adapter_names holds {len(adapter_names)} names for a batch of {first.shape[0]} "
-                                 "samples: give one adapter name per sample")
-            with mixed_adapters(self, adapter_names):
-                return self.base_model(*args, **kwargs)
+            return self._mixed_forward(args, kwargs, adapter_names)
         if self.training and torch.is_grad_enabled():
             self._check_ddp()
         return self._forward_module(*args, **kwargs)
+
+    @torch.compiler.disable  # swaps layer forwards per call: under torch.compile this part runs eagerly
+    def _mixed_forward(self, args: tuple, kwargs: dict, adapter_names: list[str]) -> Any:
+        from .mixed import mixed_adapters
+
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() > 0), None)
+        if first is not None and not isinstance(adapter_names, str) and first.shape[0] != len(adapter_names):
+            raise ValueError(f"adapter_names holds {len(adapter_names)} names for a batch of {first.shape[0]} "
+                             "samples: give one adapter name per sample")
+        with mixed_adapters(self, adapter_names):
+            return self.base_model(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         """Attributes the wrapper lacks come from the base model (``model.config``, ``model.fc``, ...)."""

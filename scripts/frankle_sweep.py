@@ -76,6 +76,32 @@ def gpu_plan() -> list[Run]:
     return plan
 
 
+# GPU times are ESTIMATES (no GPU was available to measure): a step costs the larger of its arithmetic at an assumed
+# 150 TFLOP/s of bf16 convolution and its kernel launches (about 30 a layer per training step, 10 µs each)
+GPU_FLOPS, LAUNCH_SECONDS, LAUNCHES_PER_LAYER = 150e12, 10e-6, 30
+
+
+def forward_flops(depth: int, width: int) -> int:
+    """Multiply-adds x 2 of one 32x32 image through CIFAR ResNet-depth-width (convolutions and the output layer)."""
+    n, flops, size, channels = (depth - 2) // 6, 0, 32, 16 * width
+    flops += 2 * 3 * channels * 9 * size * size
+    for stage, out in enumerate((16 * width, 32 * width, 64 * width)):
+        for block in range(n):
+            stride = 2 if stage > 0 and block == 0 else 1
+            size //= stride
+            flops += 2 * channels * out * 9 * size * size + 2 * out * out * 9 * size * size
+            if stride != 1 or channels != out:
+                flops += 2 * channels * out * size * size
+            channels = out
+    return flops + 2 * channels * 10
+
+
+def gpu_hours_estimate(run: Run, batch: int = 128, steps_per_epoch: int = 390) -> float:
+    compute = 3 * forward_flops(run.depth, run.width) * batch / GPU_FLOPS  # forward + backward
+    launches = (run.depth + 2) * LAUNCHES_PER_LAYER * LAUNCH_SECONDS
+    return max(compute, launches) * steps_per_epoch * run.epochs / 3600
+
+
 def state(folder: Path) -> str:
     if (folder / "results.json").is_file():
         return f"done ({json.loads((folder / 'results.json').read_text())['accuracy']:.4f})"
@@ -91,6 +117,8 @@ def main(argv=None) -> None:
                    "(on a GPU machine: bf16, one process; add --launch-args for several GPUs)")
     p.add_argument("--only", nargs="+", default=None, help="run only these run names (see --list)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1; recorded per run)")
+    p.add_argument("--check", metavar="NAME", default=None, help="rerun NAME's first epoch with its recorded command "
+                   "(into a temporary folder) and compare its test accuracy with NAME's metrics.jsonl")
     args = p.parse_args(argv)
     os.chdir(ROOT)
     folder, plan = (GPU_RUNS, gpu_plan()) if args.gpu else (SWEEP, cpu_plan())
@@ -100,10 +128,21 @@ def main(argv=None) -> None:
             p.error(f"--only: no run named {unknown}; see --list")
         plan = [r for r in plan if r.name in args.only]
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
+    if args.check:
+        run = next((r for r in plan if r.name == args.check), None)
+        if run is None:
+            p.error(f"--check: no run named {args.check!r}; see --list")
+        check_first_epoch(run, folder, env)
+        return
     if args.list:
         for run in plan:
-            print(f"{run.name:32s} {state(folder / run.name):24s} OMP_NUM_THREADS={args.threads} python "
+            estimate = f"~{gpu_hours_estimate(run):.1f} GPU h (estimate)  " if args.gpu else ""
+            print(f"{run.name:32s} {state(folder / run.name):24s} {estimate}OMP_NUM_THREADS={args.threads} python "
                   f"{shlex.join(run.command(folder))}")
+        if args.gpu:
+            total = sum(gpu_hours_estimate(r) for r in plan)
+            print(f"total ~{total:.0f} GPU hours on one H100-class GPU (an estimate from FLOPs and kernel launches, "
+                  "not a measurement); the runs are independent: spread them over GPUs with --only")
         return
     if not args.report:
         for run in plan:
@@ -119,6 +158,29 @@ def main(argv=None) -> None:
                 report(plan=cpu_plan())
     if not args.gpu:
         report(plan=cpu_plan())
+
+
+def check_first_epoch(run: Run, folder: Path, env: dict) -> bool:
+    """Rerun ``run``'s recorded command until its first epoch is logged (then stop it with SIGTERM, which the recipe
+    handles) and compare the test accuracy with the committed metrics.jsonl; prints the verdict."""
+    import signal
+    import tempfile
+
+    committed = json.loads((folder / run.name / "metrics.jsonl").read_text().splitlines()[0])
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [sys.executable, *run.command(Path(tmp))]
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        metrics = Path(tmp) / run.name / "metrics.jsonl"
+        while proc.poll() is None and not (metrics.exists() and metrics.read_text().strip()):
+            time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait()
+        rerun = json.loads(metrics.read_text().splitlines()[0])
+    same = rerun["test_accuracy"] == committed["test_accuracy"]
+    print(f"{run.name} epoch 1: committed test accuracy {committed['test_accuracy']:.4f}, rerun "
+          f"{rerun['test_accuracy']:.4f}: {'identical' if same else 'DIFFERENT'} "
+          f"(OMP_NUM_THREADS={env['OMP_NUM_THREADS']})")
+    return same
 
 
 def report(plan: list[Run]) -> None:

@@ -146,3 +146,16 @@ def test_gradients_are_not_needed_and_the_base_adapter_is_the_base_model():
         out = wrapper(x, adapter_names=["__base__"] * 3)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
     assert BASE_ADAPTER == "__base__"
+
+
+@pytest.mark.slow
+def test_a_compiled_model_serves_mixed_batches_eagerly_with_the_same_outputs():
+    torch.manual_seed(0)
+    wrapper = _with_adapters(resnet18())
+    x = torch.randn(4, 3, 32, 32)
+    names = ["a", "b", "__base__", "c"]
+    with torch.no_grad():
+        expected = wrapper(x, adapter_names=names)
+        compiled = torch.compile(wrapper)
+        assert torch.equal(compiled(x, adapter_names=names), expected)
+        torch.testing.assert_close(compiled(x), wrapper(x), rtol=1e-4, atol=1e-4)  # and the plain call compiles
