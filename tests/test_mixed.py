@@ -159,3 +159,26 @@ def test_a_compiled_model_serves_mixed_batches_eagerly_with_the_same_outputs():
         compiled = torch.compile(wrapper)
         assert torch.equal(compiled(x, adapter_names=names), expected)
         torch.testing.assert_close(compiled(x), wrapper(x), rtol=1e-4, atol=1e-4)  # and the plain call compiles
+
+
+class VolumeNet(nn.Module):
+    """BatchNorm3d, SyncBatchNorm (eval: no process group needed), a bias-free LayerNorm and GroupNorm on volumes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(2, 4, 3, padding=1)
+        self.bn3d = nn.BatchNorm3d(4)
+        self.sync = nn.SyncBatchNorm(4)
+        self.gn = nn.GroupNorm(2, 4)
+        self.ln = nn.LayerNorm(4, bias=False)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.gn(self.sync(self.bn3d(self.conv(x)).relu()))
+        return self.out(self.ln(h.mean((2, 3, 4))))
+
+
+def test_batchnorm3d_syncbatchnorm_and_bias_free_norms_mix_exactly():
+    torch.manual_seed(0)
+    wrapper = _with_adapters(VolumeNet(), NormOnlyConfig(modules_to_save=["out"]))
+    _assert_each_sample_matches(wrapper, (torch.randn(6, 2, 4, 4, 4),), {}, NAMES)
