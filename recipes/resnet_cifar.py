@@ -49,13 +49,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--depth", type=int, default=14, help="ResNet depth 6n+2: 8, 14, 20, 32, 56, 110, ... (default 14)")
     p.add_argument("--width", type=int, default=1, help="channel multiplier k: stages of 16k/32k/64k (default 1)")
-    p.add_argument("--train", choices=MODES, default="norm", help="which parameters train (default norm)")
+    p.add_argument("--train", choices=MODES, default="norm", help="which parameters train (default norm):\n"
+                   "  all          every parameter (full training from the random init)\n"
+                   "  norm         BatchNorm γ/β only (Frankle's BatchNorm-only)\n"
+                   "  norm+output  BatchNorm γ/β and the output layer\n"
+                   "  output       the output layer only\n"
+                   "  random       2 random conv weights per channel, as many as BatchNorm has (Frankle's control)")
     p.add_argument("--data", default=None, help="CIFAR-10 folder in the uoft-cs/cifar10 layout, or a hub name "
                    "(default: $NORMONLY_CIFAR10, else ../shared/data/cifar10, else uoft-cs/cifar10)")
     p.add_argument("--output", default="runs/resnet_cifar", help="run folder (default runs/resnet_cifar)")
     p.add_argument("--epochs", type=int, default=160, help="training epochs (default 160, Frankle)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps; the lr "
-                   "schedule is compressed to fit (for short runs and tests)")
+                   "schedule is compressed to fit (for short runs and tests; default: none)")
     p.add_argument("--batch-size", type=int, default=128, help="GLOBAL batch, split over processes (default 128)")
     p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default 0.1)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
@@ -68,12 +73,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="initialization, data order, augmentation (default 0)")
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
                    help="passed to Accelerate (default: the accelerate config's, else no)")
-    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (multi-GPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (Accelerate's inductor backend)")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (multi-GPU; default off)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (Accelerate's inductor backend; default off)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels_last memory format (default on; faster on CPU and GPU)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace the run already in --output (else refused)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint (default off)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --output (default off: refused)")
     p.add_argument("--keep-checkpoints", type=int, default=2, help="how many checkpoints to keep (default 2: the "
                    "previous one is the fallback if the newest is damaged)")
     p.add_argument("--log-every", type=int, default=50, help="progress-bar update interval in steps (default 50)")
