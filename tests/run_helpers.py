@@ -15,6 +15,15 @@ import torch
 from safetensors.torch import load_file
 
 
+def free_port() -> str:
+    """A TCP port nobody listens on now: concurrent tests must not all rendezvous on accelerate's default 29500."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 class Payload:
     """Unpickling this runs code: it creates ``self.marker`` (what a malicious checkpoint would do)."""
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT
-from run_helpers import assert_same_tensors
+from run_helpers import assert_same_tensors, free_port
 from safetensors.torch import load_file
 
 import normonly
@@ -174,6 +174,7 @@ def test_fsdp_on_two_cpu_processes_matches_one_process_and_holds_half_the_parame
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--main_process_port", free_port(),
               "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "recipes" / "finetune_causal_lm.py")]
     outputs = {}
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, SHARED
-from run_helpers import assert_same_tensors, kill_after_checkpoint, plant_pickles
+from run_helpers import assert_same_tensors, free_port, kill_after_checkpoint, plant_pickles
 from safetensors.torch import load_file
 from torch import nn
 
@@ -210,6 +210,7 @@ def test_runs_under_accelerate_launch_with_two_cpu_processes(mini_cifar, tmp_pat
     # (--multi_gpu) with ACCELERATE_USE_CPU=1 starts two CPU processes that talk over gloo
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--main_process_port", free_port(),
            "--dynamo_backend", "no", str(ROOT / "recipes" / "finetune_vision.py"),
            *tiny_args(mini_cifar, tmp_path, "--method", "norm", "--max-steps", "2")]
     subprocess.run(cmd, check=True, env=env, capture_output=True, text=True, timeout=300)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 from conftest import ROOT
-from run_helpers import assert_same_tensors, kill_after_checkpoint, plant_pickles, replace_with_pickle
+from run_helpers import assert_same_tensors, free_port, kill_after_checkpoint, plant_pickles, replace_with_pickle
 from safetensors.torch import load_file
 
 import normonly
@@ -312,7 +312,7 @@ def test_two_cpu_processes_train_in_lockstep(tmp_path, mini):
     cmd = [
         str(ROOT / ".venv" / "bin" / "accelerate") if (ROOT / ".venv" / "bin" / "accelerate").exists()
         else os.path.join(os.path.dirname(sys.executable), "accelerate"),
-        "launch", "--config_file", str(ROOT / "recipes" / "accelerate" / "cpu_2proc.yaml"),
+        "launch", "--config_file", str(ROOT / "recipes" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", free_port(),
         str(ROOT / "tests" / "helpers" / "resnet_cifar_rank_dump.py"),
         *TINY, "--max-steps", "6", "--data", mini, "--output", str(out),
     ]
@@ -362,14 +362,10 @@ def test_a_norm_run_leaves_an_adapter_that_reloads_bit_for_bit_and_converts_to_p
 
 @pytest.mark.slow
 def test_two_machines_on_loopback_train_exactly_like_two_processes_on_one_machine(tmp_path, mini):
-    import socket
-
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     recipe_args = [str(RECIPE), *TINY, "--max-steps", "6", "--data", mini, "--report-to", "none"]
     env = _env(tmp_path, ACCELERATE_USE_CPU="1")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = free_port()
     machines = [  # what `accelerate launch` runs on each of two machines, here both on this host
         subprocess.Popen([accelerate, "launch", "--multi_gpu", "--num_machines", "2", "--machine_rank", str(rank),
                           "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", port,
@@ -381,6 +377,7 @@ def test_two_machines_on_loopback_train_exactly_like_two_processes_on_one_machin
     for proc in machines:
         assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
     one = subprocess.run([accelerate, "launch", "--config_file", str(ROOT / "recipes" / "accelerate" / "cpu_2proc.yaml"),
+                          "--main_process_port", free_port(),
                           *recipe_args, "--output", str(tmp_path / "one-machine")], env=env, capture_output=True)
     assert one.returncode == 0, one.stderr[-3000:]
     results = json.loads((tmp_path / "two-machines" / "results.json").read_text())
