@@ -35,6 +35,21 @@ def gamma_shares(model: torch.nn.Module) -> dict:
     return {"gamma_disabled": stats["disabled_fraction"], "gamma_disabled_before_relu": before_relu}
 
 
+def backfill(run_dir: Path, results: dict) -> None:
+    """curves.png and, for BatchNorm-only runs, adapter/ for runs finished before the recipe wrote them."""
+    from normonly.models import base_spec
+    from normonly.report import plot_curves
+    from normonly.runs import save_run_weights
+
+    if not (run_dir / "curves.png").exists():
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+        plot_curves(records, run_dir / "curves.png")
+    if results["train"] == "norm" and not (run_dir / "adapter").exists():
+        spec = base_spec("cifar_resnet", depth=results["depth"], width=results["width"], num_classes=10,
+                         seed=results["seed"])
+        save_run_weights(trained_model(run_dir, results), run_dir, method="norm", base_spec=spec)
+
+
 def collect(folder: Path, plan) -> list[dict]:
     rows = []
     for run in plan:
@@ -50,6 +65,7 @@ def collect(folder: Path, plan) -> list[dict]:
         }
         if run.train in ("norm", "all"):
             row.update(gamma_shares(trained_model(run_dir, results)))
+        backfill(run_dir, results)
         rows.append(row)
     return rows
 
@@ -90,10 +106,12 @@ def plot(rows: list[dict], paper: dict, path: Path) -> None:
         pts = sorted((r["depth"], r["accuracy"]) for r in budget if r["train"] == mode and r["width"] == 1)
         if pts:
             ax.plot(*zip(*pts), marker=marker, color=color, label=f"{label} (15 epochs, this machine)")
-    for (mode, depth, width), acc in paper.items():
+    labelled = set()
+    for (mode, depth, _width), acc in paper.items():
         label, color, _ = styles[mode]
         ax.scatter([depth], [acc], marker="*", s=160, color=color, edgecolor="black", zorder=5,
-                   label=f"Frankle et al., {label} (160 epochs)")
+                   label=None if mode in labelled else f"Frankle et al., {label} (160 epochs)")
+        labelled.add(mode)
     ax.set(xscale="log", xlabel="ResNet depth", ylabel="CIFAR-10 test accuracy", title="accuracy against depth")
     ax.set_xticks([14, 20, 32, 56, 110, 218, 866], ["14", "20", "32", "56", "110", "218", "866"])
     ax.legend(fontsize=7)
@@ -105,6 +123,7 @@ def plot(rows: list[dict], paper: dict, path: Path) -> None:
     ax.set(xscale="log", xlabel="width multiplier k (WRN-14-k)", ylabel="CIFAR-10 test accuracy",
            title="accuracy against width (ResNet-14)")
     ax.set_xticks([1, 2, 4], ["1", "2", "4"])
+    ax.set_xlim(0.8, 5)
     ax.legend(fontsize=7)
     ax = axes[2]
     for mode in ("norm", "all"):
@@ -121,6 +140,10 @@ def plot(rows: list[dict], paper: dict, path: Path) -> None:
            title="channels that γ switches off")
     ax.set_xticks([14, 20, 32, 56, 110], ["14", "20", "32", "56", "110"])
     ax.legend(fontsize=7)
+    from matplotlib.ticker import NullFormatter
+
+    for ax in axes:
+        ax.xaxis.set_minor_formatter(NullFormatter())  # log axes: only the depths and widths are labelled
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
