@@ -22,6 +22,7 @@ __all__ = [
     "check_training_flags",
     "RunError",
     "prepare_run_folder",
+    "lock_run_folder",
     "source_fingerprint",
     "StopSignal",
     "check_finite",
@@ -83,17 +84,43 @@ def run_recipe(training_function, args) -> dict:
         raise SystemExit(f"error: {err}") from None
 
 
+_HELD_LOCKS: dict[Path, int] = {}  # run folders this process holds, by resolved path: held until the process ends
+
+
+def lock_run_folder(output: str | os.PathLike) -> None:
+    """Hold an exclusive lock on ``output`` (its ``.lock`` file) for the rest of this process: a second process
+    started on the same run folder is refused instead of writing over the first one's checkpoints."""
+    import fcntl
+
+    output = Path(output)
+    key = output.resolve()
+    if key in _HELD_LOCKS:
+        return
+    output.mkdir(parents=True, exist_ok=True)
+    fd = os.open(output / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunError(f"{output} is in use by another running process (it holds {output / '.lock'}): wait for it to "
+                       "finish or stop it, or pick another --output") from None
+    _HELD_LOCKS[key] = fd
+
+
 def prepare_run_folder(
-    output: str | os.PathLike, config: dict, *, resume: bool, overwrite: bool, may_differ=()
+    output: str | os.PathLike, config: dict, *, resume: bool, overwrite: bool, may_differ=(), lock: bool = True
 ) -> str:
     """Claim ``output`` for the run described by ``config`` (every flag's value) before anything is trained.
 
     Returns ``"new"`` (start from step 0), ``"resume"`` (an unfinished run of this configuration) or
     ``"finished"``. A folder holding a run of another configuration is refused with the differing flags named
     (flags in ``may_differ`` may change, e.g. logging); one holding this run needs ``--resume``. With
-    ``overwrite`` the earlier run's files are removed and a new run starts.
+    ``overwrite`` the earlier run's files are removed and a new run starts. With ``lock`` (the main process of a
+    run) the folder is first locked for this process (:func:`lock_run_folder`).
     """
     output = Path(output)
+    if lock:
+        lock_run_folder(output)
     saved_path = output / "config.json"
     has_run = saved_path.exists() or any((output / name).exists() for name in ("results.json", "checkpoints"))
     if not has_run:

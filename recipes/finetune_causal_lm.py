@@ -206,7 +206,8 @@ def training_function(args) -> tuple[dict, object]:
                   data_fingerprint=source_fingerprint(args.dataset) + f"/{args.dataset_config}",
                   model_fingerprint=source_fingerprint(args.model), torch_threads=torch.get_num_threads(),
                   num_processes=world)
-    state = prepare_run_folder(output, config, resume=args.resume, overwrite=args.overwrite, may_differ=MAY_DIFFER)
+    state = prepare_run_folder(output, config, resume=args.resume, overwrite=args.overwrite, may_differ=MAY_DIFFER,
+                               lock=accelerator.is_main_process)
     if state == "finished":
         accelerator.print(f"{output} holds a finished run of these flags; its results are in {output / 'results.json'}")
         return read_json(output / "results.json"), None

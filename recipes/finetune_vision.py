@@ -227,7 +227,8 @@ def training_function(args) -> tuple[dict, object]:
     config = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
     config.update(output=".", dataset=relative_to_run(args.dataset, output), data_fingerprint=source_fingerprint(args.dataset),
                   torch_threads=torch.get_num_threads())
-    state = prepare_run_folder(output, config, resume=args.resume, overwrite=args.overwrite, may_differ=MAY_DIFFER)
+    state = prepare_run_folder(output, config, resume=args.resume, overwrite=args.overwrite, may_differ=MAY_DIFFER,
+                               lock=accelerator.is_main_process)
     if state == "finished":
         accelerator.print(f"{output} holds a finished run of these flags; its results are in {output / 'results.json'}")
         return read_json(output / "results.json"), None

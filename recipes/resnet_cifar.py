@@ -181,7 +181,8 @@ def training_function(args: argparse.Namespace) -> tuple[dict, torch.nn.Module |
         except (FileNotFoundError, ValueError) as err:
             raise RunError(str(err)) from None
     config = run_config(args, source, data, torch.get_num_threads())
-    state = prepare_run_folder(output, config, resume=args.resume, overwrite=args.overwrite, may_differ=MAY_DIFFER)
+    state = prepare_run_folder(output, config, resume=args.resume, overwrite=args.overwrite, may_differ=MAY_DIFFER,
+                               lock=accelerator.is_main_process)
     if state == "finished":
         accelerator.print(f"{output} holds a finished run of these flags; its results are in {output / 'results.json'}")
         return read_json(output / "results.json"), None

@@ -1,0 +1,81 @@
+"""normonly.runs: one configuration per run folder, one process per run folder, stopping on signals, finite losses."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+from normonly.runs import RunError, StopSignal, check_finite, prepare_run_folder, resume_command
+
+CONFIG = {"lr": 0.1, "epochs": 3, "data_fingerprint": "abc", "log_every": 50}
+
+
+def _claim(folder, config=CONFIG, **kw):
+    kw = {"resume": False, "overwrite": False, "may_differ": {"log_every"}, "lock": False, **kw}
+    return prepare_run_folder(folder, config, **kw)
+
+
+def test_a_run_folder_belongs_to_one_configuration(tmp_path):
+    assert _claim(tmp_path / "run") == "new"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(CONFIG))
+    with pytest.raises(RunError, match="already holds an unfinished run.*--resume"):
+        _claim(tmp_path / "run")
+    assert _claim(tmp_path / "run", resume=True) == "resume"
+    assert _claim(tmp_path / "run", {**CONFIG, "log_every": 1}, resume=True) == "resume"  # allowed to differ
+    with pytest.raises(RunError, match=r"data_fingerprint 'abc' \(now 'xyz': other data.*--lr 0\.1 \(now 0\.2\)"):
+        _claim(tmp_path / "run", {**CONFIG, "lr": 0.2, "data_fingerprint": "xyz"}, resume=True)
+    (tmp_path / "run" / "results.json").write_text("{}")
+    assert _claim(tmp_path / "run", resume=True) == "finished"
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    assert _claim(tmp_path / "run", {**CONFIG, "lr": 0.2}, overwrite=True) == "new"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["notes.txt"]  # only the run's own files went
+
+
+def test_a_second_process_on_the_same_run_folder_is_refused(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from normonly.runs import lock_run_folder; "
+         f"lock_run_folder({str(tmp_path / 'run')!r}); print('locked', flush=True); time.sleep(60)"],
+        env=os.environ | {"PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunError, match="in use by another running process"):
+            _claim(tmp_path / "run", lock=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _claim(tmp_path / "run", lock=True) == "new"  # the lock died with its process
+    assert _claim(tmp_path / "run", lock=True) == "new"  # and this process may claim it again
+
+
+def test_a_corrupt_config_json_is_a_one_line_error(tmp_path):
+    (tmp_path / "config.json").write_text("{oops")
+    with pytest.raises(RunError, match=r"config\.json is not valid JSON.*--overwrite") as err:
+        _claim(tmp_path, resume=True)
+    assert "\n" not in str(err.value)
+
+
+def test_stop_signal_turns_the_first_signal_into_a_request_and_the_second_into_an_interrupt():
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignal() as stop:
+        assert not stop.requested()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested() and stop.exit_code == 128 + signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_non_finite_losses_stop_and_resume_commands_resume():
+    check_finite(torch.tensor(1.5), 3)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(RunError, match=r"the loss is (nan|inf) at step 7"):
+            check_finite(torch.tensor(bad), 7)
+    command = resume_command(["recipes/x.py", "--lr", "0.1", "--overwrite"])
+    assert command.endswith("recipes/x.py --lr 0.1 --resume") and "--overwrite" not in command
