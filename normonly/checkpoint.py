@@ -147,9 +147,11 @@ def save_checkpoint(
     if main:
         digests = {p.name: file_digest(p) for p in sorted(tmp.iterdir()) if not p.name.startswith(".")}
         write_json(tmp / MANIFEST, {"step": step, "sha256": digests})
-        if final.exists():  # a checkpoint of this very step (a re-save after resume): the new one replaces it
-            shutil.rmtree(final)
+        replaced = root / f".{final.name}.old.tmp"
+        if final.exists():  # a checkpoint of this very step: moved aside (still complete) until the new one is in
+            os.replace(final, replaced)
         os.replace(tmp, final)
+        shutil.rmtree(replaced, ignore_errors=True)
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier(accelerator)
@@ -175,8 +177,11 @@ def load_checkpoint(
     :class:`CheckpointError` naming the file, and nothing is changed.
     """
     run_dir = Path(run_dir)
-    found = list_checkpoints(run_dir)
     root = run_dir / CHECKPOINTS
+    if _is_main(accelerator):
+        _recover_replaced(root)
+    _barrier(accelerator)
+    found = list_checkpoints(run_dir)
     if not found:
         leftovers = sorted(p.name for p in root.glob(".step_*.tmp")) if root.is_dir() else []
         if leftovers and _is_main(accelerator):
@@ -382,6 +387,14 @@ def set_rng_state(state: dict, generators: dict[str, torch.Generator] | None = N
 def _scaler_state(accelerator) -> dict | None:
     scaler = getattr(accelerator, "scaler", None)
     return scaler.state_dict() if scaler is not None else None
+
+
+def _recover_replaced(root: Path) -> None:
+    """A save killed between moving a checkpoint of the same step aside and renaming its successor in: put it back."""
+    for old in root.glob(".step_*.old.tmp") if root.is_dir() else []:
+        final = root / old.name[1 : -len(".old.tmp")]
+        if (old / MANIFEST).is_file() and not final.exists():
+            os.replace(old, final)
 
 
 def _remove_temporaries(root: Path) -> None:

@@ -1,5 +1,6 @@
 import json
 import math
+import os
 import random
 import shutil
 
@@ -123,6 +124,30 @@ def test_older_checkpoints_are_deleted_only_after_the_new_one_is_in_place(tmp_pa
     assert (tmp_path / "checkpoints" / ".step_000000003.tmp").is_dir()
     run.save(tmp_path, 4, keep=1)  # the next save removes the leftover temporary folder
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000000004"]
+
+
+def test_a_save_killed_while_replacing_a_checkpoint_of_the_same_step_keeps_the_old_one(tmp_path, monkeypatch):
+    run = Run()
+    run.save(tmp_path, 5, keep=1)
+    expected = run.state()
+    real_replace, calls = checkpoint.os.replace, []
+
+    def killed_on_second_rename(src, dst):  # the old one was moved aside, then the process died
+        if os.path.basename(dst).startswith(("step_", ".step_")):
+            calls.append(dst)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", killed_on_second_rename)
+    run.step()
+    with pytest.raises(KeyboardInterrupt):
+        run.save(tmp_path, 5, keep=1)
+    monkeypatch.undo()
+    assert not list_checkpoints(tmp_path)  # only the moved-aside copy is left ...
+    other = Run()
+    assert other.load(tmp_path)["step"] == 5  # ... and resuming puts it back
+    assert_same_state(other.state(), expected)
 
 
 def test_keep_two_keeps_the_previous_checkpoint_and_a_corrupt_newest_one_names_it(tmp_path):
