@@ -56,8 +56,9 @@ class NormOnlyTrainer(Trainer):
         model = _check_model(self.model)  # also covers model_init
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             raise ValueError(
-                "NormOnlyTrainer supports single-process and DDP training; FSDP and DeepSpeed shard the model, which "
-                "a norm-only adapter (kilobytes) does not need: launch without them"
+                "NormOnlyTrainer supports single-process and DDP training, not FSDP or DeepSpeed: launch without them. "
+                "To shard a large model's frozen weights, use recipes/finetune_causal_lm.py --fsdp or "
+                "normonly.distributed.shard_blocks in your own loop"
             )
         # Trainer inspected NormOnlyModel.forward(*args, **kwargs); the base model's forward is the real signature.
         base_class = type(model.get_base_model())
