@@ -10,6 +10,7 @@ import torchvision
 import zoo
 from adapter_helpers import assert_same_state, images, logits, resnet18, state, tiny_bert, tiny_vit, tokens, train
 from conftest import ROOT
+from run_helpers import free_port
 from safetensors import safe_open
 from torch import nn
 
@@ -684,10 +685,12 @@ def test_a_config_nested_200k_deep_is_a_short_error(tmp_path):
 
 @pytest.mark.slow
 def test_switching_to_an_adapter_ddp_does_not_synchronise_raises_and_rebuilding_ddp_works(tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--master-addr", "127.0.0.1",
+               "--master-port", free_port(), "--nproc_per_node", "2",
                str(ROOT / "tests" / "helpers" / "ddp_set_adapter.py"), str(tmp_path)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    subprocess.run(command, env=env, check=True, capture_output=True, timeout=300)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for report in ranks:
         assert "did not require grad when DistributedDataParallel was built" in report["switch_after_ddp"]

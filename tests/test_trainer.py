@@ -10,7 +10,7 @@ import torch
 import transformers
 from adapter_helpers import tiny_bert, tiny_vit
 from conftest import ROOT
-from run_helpers import plant_pickles, replace_with_pickle
+from run_helpers import free_port, plant_pickles, replace_with_pickle
 from safetensors import safe_open
 
 from normonly import NormOnlyConfig, NormOnlyModel, get_normonly_model
@@ -323,9 +323,11 @@ def test_resuming_from_a_checkpoint_without_the_adapter_names_the_missing_file(t
 @pytest.mark.slow
 def test_two_ddp_processes_train_one_adapter_and_resume_with_reentrant_checkpointing(tmp_path):
     def launch(output, *flags):
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--master-addr", "127.0.0.1",
+                   "--master-port", free_port(), "--nproc_per_node", "2"]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-        subprocess.run([*command, str(HELPER), str(output), *flags], env=env, check=True, capture_output=True)
+        done = subprocess.run([*command, str(HELPER), str(output), *flags], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
         ranks = [safetensors.torch.load_file(output / f"rank{r}.safetensors") for r in (0, 1)]
         assert ranks[0].keys() == ranks[1].keys()
         assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # DDP kept the replicas equal
