@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .distributed import full_tensor, is_sharded
+from .distributed import full_tensor, is_sharded, shard_like
 from .safe_io import (
     file_digest,
     flatten_state,
@@ -130,12 +130,12 @@ def save_checkpoint(
                 tensor_files={f"rng_{rank}.safetensors": rng_tensors}, digest=False)
     # sharded (FSDP2) tensors are gathered whole on every rank: collectives, so all ranks take part
     tensors_of_model = {name: full_tensor(t) for name, t in model_state(model).items()}
-    optimizer_state = _optimizer_state(model, optimizer) if optimizer is not None else None
+    gathered_optimizer = optimizer_state(model, optimizer) if optimizer is not None else None
     if main:
         state = {
             "step": step,
             "num_processes": _world(accelerator),
-            "optimizer": optimizer_state,
+            "optimizer": gathered_optimizer,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": _scaler_state(accelerator),
             "progress": progress or {},
@@ -215,9 +215,9 @@ def load_checkpoint(
                                   f"the model {tuple(t.shape)}; resume with the flags that wrote it")
     with torch.no_grad():
         for name, t in live.items():
-            t.copy_(_like(saved_model[name], t))
+            t.copy_(shard_like(saved_model[name], t))
     if optimizer is not None and state.get("optimizer") is not None:
-        _load_optimizer_state(model, optimizer, state["optimizer"])
+        load_optimizer_state(model, optimizer, state["optimizer"])
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler") is not None and getattr(accelerator, "scaler", None) is not None:
@@ -324,17 +324,7 @@ def _read_state(folder: Path, stem: str, key: str, previous: Path | None):
         raise CheckpointError(f"{folder / (stem + '.json')} is not a normonly checkpoint state ({err})") from None
 
 
-def _like(saved: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
-    """``saved`` (a whole tensor) on ``live``'s device, sharded like ``live`` when that is a DTensor."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    saved = saved.to(live.device)
-    if isinstance(live, DTensor):
-        return distribute_tensor(saved, live.device_mesh, live.placements)
-    return saved
-
-
-def _optimizer_state(model: nn.Module, optimizer) -> dict:
+def optimizer_state(model: nn.Module, optimizer) -> dict:
     """The optimizer's ``state_dict``; for a sharded model the whole (gathered) one, keyed by parameter names."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
     if not is_sharded(unwrap_model(model)):
@@ -344,7 +334,8 @@ def _optimizer_state(model: nn.Module, optimizer) -> dict:
     return get_optimizer_state_dict(unwrap_model(model), inner, options=StateDictOptions(full_state_dict=True))
 
 
-def _load_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
+def load_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
+    """Load a state from :func:`optimizer_state`: a sharded model's ranks each take their shard of the whole one."""
     inner = getattr(optimizer, "optimizer", optimizer)
     if not is_sharded(unwrap_model(model)):
         optimizer.load_state_dict(state)

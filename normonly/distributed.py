@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["shard_blocks", "is_sharded", "full_tensor", "block_classes"]
+__all__ = ["shard_blocks", "is_sharded", "full_tensor", "shard_like", "block_classes"]
 
 
 def block_classes(model: nn.Module) -> set[type[nn.Module]]:
@@ -60,3 +60,17 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_like(whole: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """``whole`` on ``live``'s device and, when ``live`` is a DTensor, cut into ``live``'s placements.
+
+    Every rank must hold the same ``whole`` (read from one file, or kept in an adapter's store): each takes its own
+    shard of it without communicating.
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    whole = whole.to(live.device)
+    if isinstance(live, DTensor):
+        return distribute_tensor(whole, live.device_mesh, live.placements, src_data_rank=None)
+    return whole

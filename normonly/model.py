@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from .config import CONFIG_NAME, WEIGHTS_NAME, NormOnlyConfig
+from .distributed import full_tensor, is_sharded, shard_like
 from .freeze import PatternError, count_parameters
 from .freeze import print_trainable_parameters as _print_trainable
 from .init import initialize
@@ -88,7 +89,6 @@ def save_adapter(
     >>> NormOnlyModel.from_pretrained(fresh_base, "out/")
     """
     from .checkpoint import unwrap_model
-    from .distributed import full_tensor
 
     model = unwrap_model(model)
     config = config if config is not None else NormOnlyConfig()
@@ -349,11 +349,18 @@ class NormOnlyModel(nn.Module):
         return self._unwrap()
 
     # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        selected_adapters: list[str] | None = None,
+        is_main_process: bool = True,
+    ) -> None:
         """Write each adapter's ``adapter_config.json`` and ``adapter_model.safetensors`` atomically.
 
         As in peft, the adapter named ``"default"`` goes to ``save_directory`` itself and any other to
-        ``save_directory/<adapter_name>``. The files hold only the adapter's tensors.
+        ``save_directory/<adapter_name>``. The files hold only the adapter's tensors. A model sharded with FSDP2
+        gathers the active adapter's tensors (never the frozen weights), so every rank must call this; pass
+        ``is_main_process=False`` on all ranks but the one that writes.
         """
         if not self._adapters:
             raise RuntimeError(
@@ -372,7 +379,8 @@ class NormOnlyModel(nn.Module):
             out = Path(save_directory) if name == "default" else Path(save_directory) / name
             plan[out] = {"json_files": {CONFIG_NAME: adapter.config.to_dict()},
                          "tensor_files": {WEIGHTS_NAME: adapter.values}}
-        write_directories(plan)
+        if is_main_process:
+            write_directories(plan)
 
     @classmethod
     def from_pretrained(
@@ -470,8 +478,8 @@ class NormOnlyModel(nn.Module):
             return
         adapter = self._adapters[self._active]
         names = adapter.selection.tensors
-        if names:
-            torch._foreach_copy_([adapter.values[n] for n in names], [self._live(n) for n in names])
+        if names:  # a sharded (FSDP2) model's live tensors are gathered whole: every rank must call this
+            torch._foreach_copy_([adapter.values[n] for n in names], [full_tensor(self._live(n)) for n in names])
 
     def _write(self, adapter_name: str | None) -> None:
         """Copy ``adapter_name``'s values (None: the base's) into every tensor any adapter manages."""
@@ -481,7 +489,12 @@ class NormOnlyModel(nn.Module):
             sources = [values.get(n, base) for n, base in self._base_values.items()]
             self._sources[adapter_name] = sources
         if sources:
-            torch._foreach_copy_([self._live(n) for n in self._base_values], sources)
+            live = [self._live(n) for n in self._base_values]
+            if is_sharded(self):  # FSDP2: each rank copies its own shard (foreach ops do not take DTensors)
+                for t, v in zip(live, sources):
+                    t.copy_(shard_like(v, t))
+            else:
+                torch._foreach_copy_(live, sources)
 
     def _check_ddp(self, trainable: set[str] | None = None, adapter_name: str | None = None) -> None:
         """Refuse to train parameters that a DistributedDataParallel wrapper does not synchronise.

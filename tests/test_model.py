@@ -282,6 +282,18 @@ def test_several_adapters_save_like_peft_and_load_back(tmp_path):
     assert not any(p.requires_grad for p in loaded.parameters())  # "other" was loaded for inference
 
 
+def test_save_pretrained_writes_nothing_where_it_is_not_the_main_process(tmp_path):
+    model = get_normonly_model(resnet18(), HEAD)
+    train(model, 1)
+    model.save_pretrained(tmp_path / "other_rank", is_main_process=False)
+    assert not (tmp_path / "other_rank").exists()
+    model.save_pretrained(tmp_path / "main")
+    saved = NormOnlyModel.from_pretrained(resnet18(), tmp_path / "main")
+    x, _ = images(99)
+    model.eval()
+    assert torch.equal(logits(model, x), logits(saved, x))
+
+
 def test_from_pretrained_defaults_to_inference(tmp_path):
     _, directory = _trained(tmp_path)
     loaded = NormOnlyModel.from_pretrained(resnet18(), directory)

@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import subprocess
@@ -347,3 +348,68 @@ def test_two_ddp_processes_train_one_adapter_and_resume_with_reentrant_checkpoin
     assert all(torch.allclose(resumed[k], full[k], atol=1e-6) for k in full)
     start = live_adapter(get_normonly_model(tiny_bert(), HEAD))
     assert all(not torch.equal(resumed[k], start[k]) for k in start)
+
+
+# ---------------------------------------------------------------- FSDP
+FSDP_HELPER = ROOT / "tests" / "helpers" / "trainer_fsdp.py"
+
+
+def tiny_llama() -> transformers.LlamaForCausalLM:
+    """The helper's model architecture (its weights do not matter here)."""
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=43, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=48, head_dim=8, max_position_embeddings=64))
+
+
+def _run_fsdp_helper(output, processes: int, *flags) -> None:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--master-addr", "127.0.0.1",
+                "--master-port", free_port(), "--nproc_per_node", str(processes)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*launcher, str(FSDP_HELPER), str(output), *flags], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_processes_shards_the_frozen_weights_checkpoints_the_adapter_and_resumes(tmp_path):
+    from normonly import norm_parameter_names
+
+    _run_fsdp_helper(tmp_path / "fsdp", 2, "--fsdp")
+    _run_fsdp_helper(tmp_path / "single", 1)
+    shutil.copytree(tmp_path / "fsdp" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    _run_fsdp_helper(tmp_path / "resumed", 2, "--fsdp", "--resume", "--gradient-checkpointing")
+    reports = {k: [json.loads(f.read_text()) for f in sorted((tmp_path / k).glob("rank*.json"))]
+               for k in ("fsdp", "single", "resumed")}
+
+    single = reports["single"][0]
+    for rank in reports["fsdp"]:
+        assert rank["frozen_sharded"] and rank["adapter_sharded"]
+        assert rank["parameter_bytes"] < 0.55 * single["parameter_bytes"]
+        assert rank["losses"] == pytest.approx(single["losses"], abs=1e-5)  # the same global batches
+    folder = tmp_path / "fsdp" / "checkpoint-3"
+    assert {p.name for p in folder.iterdir()} == CHECKPOINT_FILES - {"rng_state.pth"} | {
+        "rng_state_0.pth",
+        "rng_state_1.pth",
+    }
+    saved = adapter_file(folder)  # the adapter alone, gathered whole; no frozen weight was gathered or written
+    assert set(saved) == set(norm_parameter_names(tiny_llama()))
+    optimizer = torch.load(folder / "optimizer.pt", weights_only=True)  # whole and plain: keyed by parameter name
+    assert set(optimizer["state"]) == {f"base_model.{k}" for k in saved}
+
+    final = {k: adapter_file(tmp_path / k / "final") for k in ("fsdp", "single", "resumed")}
+    for name in final["single"]:
+        torch.testing.assert_close(final["fsdp"][name], final["single"][name], rtol=1e-5, atol=1e-6)
+        assert torch.equal(final["resumed"][name], final["fsdp"][name])  # resumed (with checkpointing) = uninterrupted
+    loaded = NormOnlyModel.from_pretrained(tiny_llama(), tmp_path / "fsdp" / "final")  # an unsharded model takes it
+    live = loaded.base_model.state_dict()
+    assert all(torch.equal(live[n], final["fsdp"][n]) for n in final["fsdp"])
+
+
+def test_fsdp_settings_it_cannot_honour_are_refused_before_the_model_is_sharded(tmp_path):
+    _run_fsdp_helper(tmp_path, 1, "--refusals")
+    report = json.loads((tmp_path / "refusals.json").read_text())
+    errors = report["errors"]
+    assert report["unsharded"]
+    assert "fsdp_config={'version': 2}" in errors["fsdp1"]
+    assert "transformer_layer_cls_to_wrap" in errors["size_based_wrap"]
+    assert "gradient_checkpointing=True" in errors["fsdp_activation_checkpointing"]
+    assert "['BertLayer']" in errors["unknown_block"]
