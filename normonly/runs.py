@@ -29,6 +29,7 @@ __all__ = [
     "resume_command",
     "save_run_weights",
     "relative_to_run",
+    "end_run",
 ]
 
 # what a recipe writes into its run folder; --overwrite removes exactly these
@@ -82,6 +83,22 @@ def run_recipe(training_function, args) -> dict:
         return training_function(args)[0]
     except (RunError, CheckpointError) as err:
         raise SystemExit(f"error: {err}") from None
+
+
+def end_run(accelerator) -> None:
+    """``accelerator.end_training()``, except that a gloo (CPU) process group is left to the process exit.
+
+    With torch 2.14, ``destroy_process_group`` on gloo sometimes aborts a rank ("terminate called without an
+    active exception") after all the work is done, and the launcher then reports the finished run as failed
+    (2 runs in 20 of a 2-process DDP script here). NCCL groups are destroyed as torch asks.
+    """
+    import torch
+
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_backend() != "gloo":
+            torch.distributed.destroy_process_group()
 
 
 _HELD_LOCKS: dict[Path, int] = {}  # run folders this process holds, by resolved path: held until the process ends

@@ -154,7 +154,7 @@ def training_function(args: argparse.Namespace) -> tuple[dict, torch.nn.Module |
     from normonly.checkpoint import load_checkpoint, save_checkpoint, unwrap_model, write_json
     from normonly.data import augment, load_cifar10, normalize, resolve_cifar10
     from normonly.models import cifar_resnet
-    from normonly.runs import RunError, StopSignal, check_finite, prepare_run_folder, resume_command
+    from normonly.runs import RunError, StopSignal, check_finite, end_run, prepare_run_folder, resume_command
     from normonly.safe_io import read_json
 
     output = Path(args.output)
@@ -331,7 +331,7 @@ def training_function(args: argparse.Namespace) -> tuple[dict, torch.nn.Module |
     model = unwrap_model(model)  # the model's own names, not DDP's module.* or torch.compile's _orig_mod.*
     if accelerator.is_main_process:
         save_outputs(model, args, output, results, records)
-    accelerator.end_training()
+    end_run(accelerator)
     return results, model
 
 

@@ -79,3 +79,21 @@ def test_non_finite_losses_stop_and_resume_commands_resume():
             check_finite(torch.tensor(bad), 7)
     command = resume_command(["recipes/x.py", "--lr", "0.1", "--overwrite"])
     assert command.endswith("recipes/x.py --lr 0.1 --resume") and "--overwrite" not in command
+
+
+@pytest.mark.parametrize("backend, destroyed", [("gloo", False), ("nccl", True)])
+def test_end_run_finishes_trackers_and_leaves_only_a_gloo_group_to_the_process_exit(monkeypatch, backend, destroyed):
+    import types
+
+    import torch.distributed as dist
+
+    from normonly.runs import end_run
+
+    finished, calls = [], []
+    tracker = types.SimpleNamespace(finish=lambda: finished.append(True))
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: backend)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda group=None: calls.append(group))
+    end_run(types.SimpleNamespace(trackers=[tracker]))
+    assert finished == [True]
+    assert bool(calls) is destroyed
