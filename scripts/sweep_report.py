@@ -112,9 +112,14 @@ def plot(rows: list[dict], paper: dict, path: Path) -> None:
         ax.scatter([depth], [acc], marker="*", s=160, color=color, edgecolor="black", zorder=5,
                    label=None if mode in labelled else f"Frankle et al., {label} (160 epochs)")
         labelled.add(mode)
-    ax.set(xscale="log", xlabel="ResNet depth", ylabel="CIFAR-10 test accuracy", title="accuracy against depth")
+    full_schedule = [r for r in rows if r["train"] == "norm" and (r["epochs"], r["schedule"]) == (160, "multistep")]
+    if full_schedule:
+        ax.scatter([r["depth"] for r in full_schedule], [r["accuracy"] for r in full_schedule], marker="P", s=90,
+                   color="C0", edgecolor="black", zorder=6, label="BatchNorm only (160 epochs, this machine)")
+    ax.set(xscale="log", xlabel="ResNet depth", ylabel="CIFAR-10 test accuracy", title="accuracy against depth",
+           ylim=(0.1, 0.9))
     ax.set_xticks([14, 20, 32, 56, 110, 218, 866], ["14", "20", "32", "56", "110", "218", "866"])
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower right")
     ax = axes[1]
     for mode, (label, color, marker) in styles.items():
         pts = sorted((r["width"], r["accuracy"]) for r in budget if r["train"] == mode and r["depth"] == 14)
@@ -124,7 +129,8 @@ def plot(rows: list[dict], paper: dict, path: Path) -> None:
            title="accuracy against width (ResNet-14)")
     ax.set_xticks([1, 2, 4], ["1", "2", "4"])
     ax.set_xlim(0.8, 5)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     ax = axes[2]
     for mode in ("norm", "all"):
         label, color, marker = styles[mode]
@@ -139,7 +145,8 @@ def plot(rows: list[dict], paper: dict, path: Path) -> None:
     ax.set(xscale="log", xlabel="ResNet depth", ylabel="% of BatchNorm channels with |γ| < 0.05", ylim=(0, 100),
            title="channels that γ switches off")
     ax.set_xticks([14, 20, 32, 56, 110], ["14", "20", "32", "56", "110"])
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     from matplotlib.ticker import NullFormatter
 
     for ax in axes:
