@@ -98,7 +98,7 @@ def plot(rows: list[dict], paper: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     budget = [r for r in rows if (r["epochs"], r["schedule"]) == (15, "cosine")]
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.6))
     styles = {"norm": ("BatchNorm only", "C0", "o"), "random": ("random params per channel", "C1", "s"),
               "output": ("output layer only", "C2", "^"), "all": ("full training", "C3", "D")}
     ax = axes[0]
@@ -119,7 +119,6 @@ def plot(rows: list[dict], paper: dict, path: Path) -> None:
     ax.set(xscale="log", xlabel="ResNet depth", ylabel="CIFAR-10 test accuracy", title="accuracy against depth",
            ylim=(0.1, 0.9))
     ax.set_xticks([14, 20, 32, 56, 110, 218, 866], ["14", "20", "32", "56", "110", "218", "866"])
-    ax.legend(fontsize=7, loc="lower right")
     ax = axes[1]
     for mode, (label, color, marker) in styles.items():
         pts = sorted((r["width"], r["accuracy"]) for r in budget if r["train"] == mode and r["depth"] == 14)
@@ -151,6 +150,7 @@ def plot(rows: list[dict], paper: dict, path: Path) -> None:
 
     for ax in axes:
         ax.xaxis.set_minor_formatter(NullFormatter())  # log axes: only the depths and widths are labelled
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))  # the depth panel's legend goes below the panels, clear of the paper's marks
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8)
     fig.savefig(path, dpi=120)
     plt.close(fig)
