@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # imported where used: recipes build their --help from this m
 __all__ = [
     "add_run_flags",
     "run_recipe",
+    "end_process",
     "check_training_flags",
     "RunError",
     "prepare_run_folder",
@@ -99,6 +100,29 @@ def end_run(accelerator) -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         if torch.distributed.get_backend() != "gloo":
             torch.distributed.destroy_process_group()
+
+
+def end_process() -> None:
+    """End a launched script's process now if it is in a gloo (CPU) process group; return at once if it is not.
+
+    With torch 2.14, gloo's worker threads can still be releasing a finished collective's tensors while the
+    interpreter shuts down. Releasing them then needs the GIL, and the rank aborts ("terminate called without an
+    active exception", pytorch/pytorch#190489), so the launcher reports a finished run as failed: 12 launches in 20
+    of a 2-process all-reduce script here. Flushing output and leaving with ``os._exit(0)`` skips that shutdown.
+    Call it as the last line of a script run by ``accelerate launch`` or ``torchrun``, after every file is written.
+    """
+    import logging
+
+    import torch
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_backend() != "gloo":
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 _HELD_LOCKS: dict[Path, int] = {}  # run folders this process holds, by resolved path: held until the process ends

@@ -255,4 +255,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    from normonly.runs import end_process
+
     main()
+    end_process()  # under gloo, exits before interpreter shutdown, where torch 2.14 can abort a finished rank

@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from normonly import NormOnlyConfig, get_normonly_model
+from normonly.runs import end_process
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])
@@ -47,4 +48,4 @@ if __name__ == "__main__":
     except RuntimeError as err:
         report["head_after_rebuild"] = str(err)
     (out / f"rank{rank}.json").write_text(json.dumps(report))
-    # no destroy_process_group: on gloo it sometimes aborts a rank after all the work (see normonly.runs.end_run)
+    end_process()  # see its docstring: a gloo rank can abort in the interpreter's shutdown

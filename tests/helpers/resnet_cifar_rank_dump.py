@@ -8,6 +8,7 @@ from accelerate import PartialState
 from safetensors.torch import save_file
 
 import normonly
+from normonly.runs import end_process
 
 ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("resnet_cifar", ROOT / "recipes" / "resnet_cifar.py")
@@ -22,3 +23,4 @@ if __name__ == "__main__":
     gamma_beta = set(normonly.norm_parameter_names(model))
     tensors |= {n: p.detach().contiguous() for n, p in model.named_parameters() if n in gamma_beta}
     save_file(tensors, str(Path(args.output) / f"rank{rank}.safetensors"))
+    end_process()

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adapter_helpers import tiny_bert  # noqa: E402
 
 from normonly import NormOnlyConfig, NormOnlyTrainer, get_normonly_model  # noqa: E402
+from normonly.runs import end_process  # noqa: E402
 
 output, resume, reentrant = Path(sys.argv[1]), "--resume" in sys.argv, "--reentrant" in sys.argv
 torch.set_num_threads(1)
@@ -46,3 +47,4 @@ assert dist.get_world_size() == 2, "expected 2 processes"
 trainable = {n for n, p in model.base_model.named_parameters() if p.requires_grad}
 values = {k: v.contiguous() for k, v in model.base_model.state_dict().items() if k in trainable}
 save_file(values, str(output / f"rank{dist.get_rank()}.safetensors"))
+end_process()  # see its docstring: a gloo rank can abort in the interpreter's shutdown

@@ -21,6 +21,7 @@ import transformers
 from torch.distributed.tensor import DTensor
 
 from normonly import NormOnlyConfig, NormOnlyTrainer, get_normonly_model
+from normonly.runs import end_process
 
 output, fsdp, resume = Path(sys.argv[1]), "--fsdp" in sys.argv, "--resume" in sys.argv
 checkpointing = "--gradient-checkpointing" in sys.argv
@@ -85,9 +86,4 @@ report = {
 }
 (output / f"rank{rank}.json").write_text(json.dumps(report))
 trainer.save_model(str(output / "final"))
-# Every file is written. Skip the interpreter's teardown: with FSDP2 over gloo it sometimes aborts a rank
-# ("terminate called without an active exception") while the process group is destroyed, after all the work.
-if dist.is_initialized():
-    dist.barrier()
-sys.stdout.flush(), sys.stderr.flush()
-os._exit(0)
+end_process()  # every file is written; see its docstring: a gloo rank can abort in the interpreter's shutdown
