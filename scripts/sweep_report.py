@@ -140,6 +140,12 @@ def plot(rows: list[dict], paper: dict, path: Path) -> None:
             ax.plot(depth, [100 * s for s in share], marker=marker, color=color, label=f"{label}: all channels")
             ax.plot(depth, [100 * s for s in relu], marker=marker, color=color, linestyle="--",
                     label=f"{label}: channels feeding a ReLU")
+    full_gamma = [r for r in full_schedule if "gamma_disabled" in r]
+    if full_gamma:
+        ax.scatter([r["depth"] for r in full_gamma for _ in range(2)],
+                   [100 * r[key] for r in full_gamma for key in ("gamma_disabled", "gamma_disabled_before_relu")],
+                   marker="P", s=90, color="C0", edgecolor="black", zorder=6,
+                   label="BatchNorm only, 160 epochs: all / feeding a ReLU")
     ax.axhspan(25, 50, color="green", alpha=0.1, label="Frankle et al.: a quarter to a half")
     ax.set(xscale="log", xlabel="ResNet depth", ylabel="% of BatchNorm channels with |γ| < 0.05", ylim=(0, 100),
            title="channels that γ switches off")
