@@ -91,7 +91,8 @@ def end_run(accelerator) -> None:
 
     With torch 2.14, ``destroy_process_group`` on gloo sometimes aborts a rank ("terminate called without an
     active exception") after all the work is done, and the launcher then reports the finished run as failed
-    (2 runs in 20 of a 2-process DDP script here). NCCL groups are destroyed as torch asks.
+    (2 runs in 20 of a 2-process DDP script here). NCCL groups are destroyed as torch asks. A launched script
+    then ends with :func:`end_process`, since the interpreter's own shutdown can abort a gloo rank as well.
     """
     import torch
 
