@@ -86,6 +86,15 @@ def run_recipe(training_function, args) -> dict:
         raise SystemExit(f"error: {err}") from None
 
 
+def _process_group_backend() -> str | None:
+    """The default process group's backend ("gloo", "nccl", ...), or None where no group is initialized."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_backend()
+    return None
+
+
 def end_run(accelerator) -> None:
     """``accelerator.end_training()``, except that a gloo (CPU) process group is left to the process exit.
 
@@ -98,9 +107,8 @@ def end_run(accelerator) -> None:
 
     for tracker in accelerator.trackers:
         tracker.finish()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if torch.distributed.get_backend() != "gloo":
-            torch.distributed.destroy_process_group()
+    if _process_group_backend() not in (None, "gloo"):
+        torch.distributed.destroy_process_group()
 
 
 def end_process() -> None:
@@ -114,11 +122,7 @@ def end_process() -> None:
     """
     import logging
 
-    import torch
-
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    if torch.distributed.get_backend() != "gloo":
+    if _process_group_backend() != "gloo":
         return
     logging.shutdown()
     sys.stdout.flush()
